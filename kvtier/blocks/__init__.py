@@ -1,0 +1,28 @@
+"""Block identity: layouts, chained block hashes, keys, checksums and the stored record format."""
+
+from kvtier.blocks.checksum import payload_checksum
+from kvtier.blocks.hashing import (
+    BLOCK_HASH_BYTES,
+    ROOT_PARENT,
+    HashExtras,
+    MultimodalItem,
+    hash_block,
+    hash_prompt,
+)
+from kvtier.blocks.keys import BlockKey, block_key_of, keys_for, make_block_key
+from kvtier.blocks.layout import KVLayout
+
+__all__ = [
+    "BLOCK_HASH_BYTES",
+    "ROOT_PARENT",
+    "BlockKey",
+    "HashExtras",
+    "KVLayout",
+    "MultimodalItem",
+    "block_key_of",
+    "hash_block",
+    "hash_prompt",
+    "keys_for",
+    "make_block_key",
+    "payload_checksum",
+]

@@ -1,0 +1,112 @@
+"""kvtier's chained block hash over token ids. Byte-level spec: ``docs/block-identity.md``.
+
+The hash of block ``i`` covers the digest of block ``i-1`` (16 zero bytes for the first block),
+the block's token ids and its extra keys, so a block hash identifies the whole prefix up to and
+including that block. It is SHA-256 over a fixed little-endian encoding, truncated to 128 bits:
+it does not depend on ``PYTHONHASHSEED``, the process, the host or vLLM's hash settings, and a
+router in any language can compute it from a tokenized prompt.
+
+Only full blocks are hashed; a trailing partial block has no hash and is never cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from kvtier.errors import InvalidRequestError
+
+BLOCK_HASH_BYTES = 16
+ROOT_PARENT = bytes(BLOCK_HASH_BYTES)
+_MAGIC = b"KVTB\x01"  # "KVTB" + spec version 1
+_MAX_TOKEN_ID = 2**32 - 1
+
+TAG_LORA = 1
+TAG_CACHE_SALT = 2
+TAG_MULTIMODAL = 3
+
+
+@dataclass(frozen=True, slots=True)
+class MultimodalItem:
+    """A multimodal input occupying ``length`` placeholder tokens from prompt position ``offset``."""
+
+    identifier: str  # the content hash of the item (e.g. vLLM's mm_hash)
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class HashExtras:
+    """Per-prompt inputs that change the KV of otherwise equal tokens.
+
+    ``lora_name`` applies to every block, ``cache_salt`` (tenant isolation) to the first block only
+    (the chain carries it to every later block), multimodal items to the blocks they overlap.
+    """
+
+    lora_name: str | None = None
+    cache_salt: str | None = None
+    multimodal: tuple[MultimodalItem, ...] = ()
+
+
+NO_EXTRAS = HashExtras()
+
+
+def _field(tag: int, payload: bytes) -> bytes:
+    return struct.pack("<BI", tag, len(payload)) + payload
+
+
+def _extra_fields(extras: HashExtras, block_index: int, start: int, end: int) -> list[bytes]:
+    fields: list[bytes] = []
+    if extras.lora_name is not None:
+        fields.append(_field(TAG_LORA, extras.lora_name.encode()))
+    if extras.cache_salt is not None and block_index == 0:
+        fields.append(_field(TAG_CACHE_SALT, extras.cache_salt.encode()))
+    overlapping = [m for m in extras.multimodal if m.offset < end and m.offset + m.length > start]
+    for item in sorted(overlapping, key=lambda m: (m.offset, m.identifier)):
+        payload = struct.pack("<QQ", item.offset, item.length) + item.identifier.encode()
+        fields.append(_field(TAG_MULTIMODAL, payload))
+    return fields
+
+
+def hash_block(parent: bytes, token_ids: Sequence[int], extra_fields: Iterable[bytes] = ()) -> bytes:
+    """Return the 16-byte hash of one block given its parent's hash and its token ids.
+
+    ``extra_fields`` are already-encoded ``tag u8 | length u32le | bytes`` fields in spec order.
+    """
+    if len(parent) != BLOCK_HASH_BYTES:
+        raise InvalidRequestError(f"parent hash must be {BLOCK_HASH_BYTES} bytes, got {len(parent)}")
+    fields = list(extra_fields)
+    try:
+        tokens = struct.pack(f"<{len(token_ids)}I", *token_ids)
+    except struct.error as exc:
+        raise InvalidRequestError(
+            f"token ids must be integers in 0..{_MAX_TOKEN_ID}; got one outside that range ({exc})"
+        ) from exc
+    digest = hashlib.sha256()
+    digest.update(_MAGIC)
+    digest.update(parent)
+    digest.update(struct.pack("<I", len(token_ids)))
+    digest.update(tokens)
+    digest.update(struct.pack("<I", len(fields)))
+    for encoded in fields:
+        digest.update(encoded)
+    return digest.digest()[:BLOCK_HASH_BYTES]
+
+
+def hash_prompt(
+    token_ids: Sequence[int],
+    block_size: int,
+    extras: HashExtras = NO_EXTRAS,
+    parent: bytes = ROOT_PARENT,
+) -> list[bytes]:
+    """Return the chained hashes of every full block of ``token_ids`` (partial tail ignored)."""
+    if block_size <= 0:
+        raise InvalidRequestError(f"block_size must be positive, got {block_size}")
+    hashes: list[bytes] = []
+    for index in range(len(token_ids) // block_size):
+        start, end = index * block_size, (index + 1) * block_size
+        parent = hash_block(parent, token_ids[start:end], _extra_fields(extras, index, start, end))
+        hashes.append(parent)
+    return hashes

@@ -1,0 +1,184 @@
+"""The one configuration model of kvtier.
+
+Read from, in increasing priority: defaults, a TOML file, ``KVTIER_<SECTION>_<KEY>`` environment
+variables (e.g. ``KVTIER_DISK_CAPACITY=200GiB``, ``KVTIER_S3_BUCKET=kv-cache``) and explicit
+overrides (command-line flags). Sizes accept ``"64GiB"``-style strings and are parsed once here.
+Validation errors become :class:`ConfigError` naming the field and the problem.
+
+S3 credentials are never part of this model: boto3 takes them from the standard AWS chain
+(environment, shared config, web identity / IRSA, instance metadata).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from kvtier.errors import ConfigError
+from kvtier.units import parse_size
+
+
+
+def _size_field(value: int | str) -> int:
+    try:
+        return parse_size(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None  # pydantic adds the field's location
+
+
+ByteSize = Annotated[int, BeforeValidator(_size_field)]
+
+ENV_PREFIX = "KVTIER_"
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/kvtier`` or ``~/.cache/kvtier``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kvtier"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class HostTierConfig(_Section):
+    """Host-memory tier: one shared-memory arena that engine workers map and copy into."""
+
+    # Arena size; 0 means auto: a quarter of available memory, capped at 64 GiB and by the free
+    # space of the arena's filesystem (/dev/shm is often small in containers).
+    capacity: ByteSize = 0
+    # Arena pages; a slab of one slot size is one page (or a run of pages for larger blocks).
+    slab_size: ByteSize = Field(default=parse_size("16MiB"), gt=0)
+    # Directory of the arena file; must be a memory filesystem (tmpfs) for speed.
+    shm_dir: Path = Path("/dev/shm")
+    # Arena file name inside shm_dir; empty picks "kvtier-<pid>-arena".
+    name: str = ""
+
+
+class ODirectMode(str, Enum):
+    AUTO = "auto"  # use O_DIRECT when the filesystem accepts it, buffered I/O otherwise
+    ON = "on"  # require O_DIRECT (error at start if the filesystem refuses it)
+    OFF = "off"
+
+
+class DiskTierConfig(_Section):
+    """Local NVMe tier: one file per block, written to a temporary name and renamed."""
+
+    enabled: bool = True
+    path: Path = Field(default_factory=lambda: default_cache_dir() / "disk")
+    capacity: ByteSize = parse_size("64GiB")
+    o_direct: ODirectMode = ODirectMode.AUTO
+    fsync: bool = False  # fsync each block before it becomes visible (power-loss durability)
+    io_threads: int = Field(default=4, ge=1, le=256)
+
+
+class S3TierConfig(_Section):
+    """Object tier: any S3-compatible endpoint through boto3."""
+
+    enabled: bool = False
+    bucket: str = ""
+    prefix: str = "kvtier"  # key prefix inside the bucket; objects are <prefix>/<layout_id>/<hash>
+    endpoint_url: str | None = None  # None = AWS; set for MinIO, moto, S3 Express endpoints...
+    region: str | None = None
+    capacity: ByteSize = 0  # 0 = unbounded (bucket lifecycle rules age objects out)
+    max_concurrency: int = Field(default=16, ge=1, le=1024)
+    max_attempts: int = Field(default=5, ge=1, le=20)  # retries with backoff on throttling and 5xx
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    read_timeout_s: float = Field(default=10.0, gt=0)
+    multipart_threshold: ByteSize = parse_size("16MiB")
+    multipart_chunk_size: ByteSize = parse_size("8MiB")
+
+    @field_validator("prefix")
+    @classmethod
+    def _strip_prefix(cls, value: str) -> str:
+        return value.strip("/")
+
+
+class WriteMode(str, Enum):
+    WRITE_BACK = "write-back"  # put returns once in host memory; lower tiers filled in background
+    WRITE_THROUGH = "write-through"  # put returns once every enabled tier holds the block
+
+
+class ChainConfig(_Section):
+    """Policy of the tier chain."""
+
+    write_mode: WriteMode = WriteMode.WRITE_BACK
+    eviction: Literal["lru", "s3fifo"] = "lru"
+    lease_ttl_s: float = Field(default=30.0, gt=0)  # leases not released by then expire
+    demotion_threads: int = Field(default=2, ge=1, le=64)
+    demotion_queue_limit: int = Field(default=65536, ge=1)  # pending demotions beyond this are dropped
+
+
+class KVTierConfig(_Section):
+    host: HostTierConfig = HostTierConfig()
+    disk: DiskTierConfig = DiskTierConfig()
+    s3: S3TierConfig = S3TierConfig()
+    chain: ChainConfig = ChainConfig()
+
+    def __repr__(self) -> str:
+        return f"KVTierConfig({self.model_dump_json()})"
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    sections = KVTierConfig.model_fields
+    found: dict[str, dict[str, str]] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        section, _, key = rest.partition("_")
+        if section not in sections or not key:
+            continue
+        section_model = sections[section].annotation
+        if key not in section_model.model_fields:  # type: ignore[union-attr]
+            valid = ", ".join(f"{ENV_PREFIX}{section.upper()}_{k.upper()}" for k in section_model.model_fields)  # type: ignore[union-attr]
+            raise ConfigError(f"unknown setting {name}; valid ones are: {valid}")
+        found.setdefault(section, {})[key] = value
+    return found
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        lines.append(f"  {where}: {item['msg']} (got {item.get('input')!r})")
+    return "invalid kvtier configuration:\n" + "\n".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> KVTierConfig:
+    """Build the configuration from a TOML file, the environment and overrides (highest wins)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    data = _merge(data, _env_overrides(os.environ if env is None else env))
+    data = _merge(data, overrides or {})
+    try:
+        return KVTierConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
