@@ -1,0 +1,7 @@
+"""The tier chain: placement, demotion, promotion, eviction, pins and leases, stats."""
+
+from kvtier.chain.chain import TierChain
+from kvtier.chain.records import Lease
+from kvtier.chain.stats import ChainStats, TierCounters, TierStats
+
+__all__ = ["ChainStats", "Lease", "TierChain", "TierCounters", "TierStats"]

@@ -1,0 +1,544 @@
+"""The tier chain: host memory first, then lower tiers (disk, S3), with policy above them.
+
+Placement: every write lands in the host tier. In write-back mode (the default) a committed
+block is queued for demotion and copied into each lower tier by background threads; in
+write-through mode the write returns only once every tier holds it. Reads look in host memory,
+then each lower tier in order; a block found below is verified (checksum) and promoted into host
+memory. Lookups answer from the catalogue alone, without I/O.
+
+Invariants:
+
+- Nothing ever returns bytes other than those put under a key: a block whose checksum fails
+  when it comes back from a lower tier is a miss; it is deleted there and counted as corrupt.
+- A tier's ``used_bytes`` never exceeds its capacity: room is made by evicting (policy order)
+  before a block is written; when nothing can be evicted the write is refused or skipped.
+- A pinned host copy (leased to a reader, or being demoted) is never evicted. Leases expire
+  after ``lease_ttl_s`` if never released.
+- Eviction prefers blocks that already have a copy in a lower tier; a block with none is
+  dropped only when nothing else can go (counted as ``dropped``).
+
+Locking: one lock guards the catalogue, policies, accounting and leases; it is never held
+across disk or network I/O (host-memory copies of a single block are the only exception).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from kvtier.blocks.checksum import payload_checksum
+from kvtier.blocks.keys import BlockKey
+from kvtier.chain.records import BlockRecord, Lease
+from kvtier.chain.stats import ChainStats, TierCounters, TierStats
+from kvtier.config import ChainConfig, WriteMode
+from kvtier.errors import (
+    ConfigError,
+    CorruptBlockError,
+    InvalidRequestError,
+    KVTierError,
+    LeaseError,
+    TierFullError,
+)
+from kvtier.policy import EvictionPolicy, make_policy
+from kvtier.tiers.base import Buffer, Tier
+from kvtier.tiers.host import HostTier, Slot
+
+log = logging.getLogger(__name__)
+
+HOST = 0
+_MAX_ALLOC_RETRIES = 64
+
+
+class _TierState:
+    """Accounting of one tier inside the chain."""
+
+    def __init__(self, index: int, tier: Tier, policy: EvictionPolicy[BlockKey]) -> None:
+        self.index = index
+        self.tier = tier
+        self.policy = policy
+        self.used_bytes = 0
+        self.blocks = 0
+        self.counters = TierCounters()
+
+    def fits(self, nbytes: int) -> bool:
+        capacity = self.tier.capacity_bytes
+        return not capacity or self.used_bytes + nbytes <= capacity
+
+
+class TierChain:
+    """Host tier plus zero or more lower tiers, ordered fastest to slowest."""
+
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        config: ChainConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not tiers or not isinstance(tiers[0], HostTier):
+            raise ConfigError("the first tier of a chain must be the host tier")
+        self.config = config or ChainConfig()
+        self.host: HostTier = tiers[0]
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._states = [_TierState(i, t, make_policy(self.config.eviction)) for i, t in enumerate(tiers)]
+        self._records: dict[BlockKey, BlockRecord] = {}
+        self._leases: dict[int, Lease] = {}
+        self._lease_ids = itertools.count(1)
+        self._pending_demotions = 0
+        self._closed = False
+        self._demoter = ThreadPoolExecutor(self.config.demotion_threads, thread_name_prefix="kvtier-demote")
+        self._promoter = ThreadPoolExecutor(self.config.demotion_threads, thread_name_prefix="kvtier-promote")
+        for state in self._states[1:]:
+            self._load_catalogue(state)
+
+    # ---- construction ------------------------------------------------------------------------
+
+    def _load_catalogue(self, state: _TierState) -> None:
+        """Register what a lower tier already holds (after a restart)."""
+        for stored in state.tier.scan():
+            record = self._records.get(stored.key)
+            if record is None:
+                record = self._records[stored.key] = BlockRecord(stored.nbytes, stored.checksum)
+            elif record.nbytes != stored.nbytes:
+                log.warning("%s: %s holds %d bytes, another tier %d; ignoring it", state.tier.name, stored.key, stored.nbytes, record.nbytes)
+                continue
+            record.tiers |= 1 << state.index
+            state.used_bytes += state.tier.stored_nbytes(stored.nbytes)
+            state.blocks += 1
+            state.policy.insert(stored.key)
+
+    @property
+    def tiers(self) -> list[Tier]:
+        return [state.tier for state in self._states]
+
+    # ---- writes ------------------------------------------------------------------------------
+
+    def put(self, key: BlockKey, payload: Buffer, checksum: int | None = None) -> bool:
+        """Store a block; return False if host memory had no room (nothing was stored)."""
+        with self._lock:
+            record = self._records.get(key)
+            if record is not None and record.in_tier(HOST):
+                self._states[HOST].policy.access(key)
+                return True
+        try:
+            slot = self.reserve(key, len(payload))
+        except TierFullError:
+            return False
+        self.host.slot_view(slot)[:] = payload
+        self.commit(slot, checksum)
+        return True
+
+    def reserve(self, key: BlockKey, nbytes: int) -> Slot:
+        """Reserve a host slot for a writer, evicting as needed; raise TierFullError if impossible."""
+        with self._lock:
+            self._check_open()
+            return self._reserve_locked(key, nbytes)
+
+    def commit(self, slot: Slot, checksum: int | None = None) -> BlockKey:
+        """Make a reserved slot's bytes a visible block and schedule (or do) its demotion."""
+        if checksum is None:
+            checksum = payload_checksum(self.host.slot_view(slot))
+        with self._lock:
+            key = self._reserved_key(slot)
+            record = self._records.get(key)
+            if record is not None and record.in_tier(HOST):
+                # Already there (a concurrent writer or promotion won). Same key, same bytes:
+                # keep the existing slot, which a reader may hold, and drop this one.
+                self.host.abort(slot)
+                self._states[HOST].used_bytes -= self.host.stored_nbytes(slot.nbytes)
+                return key
+            self.host.commit(slot)
+            if record is None or record.nbytes != slot.nbytes:
+                record = self._records[key] = BlockRecord(slot.nbytes, checksum, tiers=0)
+            record.checksum = checksum
+            state = self._states[HOST]
+            if not record.in_tier(HOST):
+                record.tiers |= 1
+                state.blocks += 1
+            state.counters.bytes_in += slot.nbytes
+            state.policy.insert(key)
+            needs_demotion = len(self._states) > 1 and not record.held_below(HOST)
+            if needs_demotion and self.config.write_mode is WriteMode.WRITE_BACK:
+                self._queue_demotion_locked(key)
+        if needs_demotion and self.config.write_mode is WriteMode.WRITE_THROUGH:
+            self._demote(key, queued=False)
+        return key
+
+    def _reserved_key(self, slot: Slot) -> BlockKey:
+        key = self.host.reserved_key(slot)
+        if key is None:
+            raise InvalidRequestError(
+                f"slot reservation {slot.reservation} is unknown (never made, already committed or aborted)"
+            )
+        return key
+
+    def abort(self, slot: Slot) -> None:
+        with self._lock:
+            self.host.abort(slot)
+            self._states[HOST].used_bytes -= self.host.stored_nbytes(slot.nbytes)
+
+    def _reserve_locked(self, key: BlockKey, nbytes: int) -> Slot:
+        state = self._states[HOST]
+        charge = self.host.stored_nbytes(nbytes)
+        for _ in range(_MAX_ALLOC_RETRIES):
+            self._make_room_locked(state, charge)
+            try:
+                slot = self.host.reserve(key, nbytes)
+            except TierFullError:
+                # Room by accounting but no slot of this size (slabs held by other sizes).
+                if not self._evict_one_locked(state):
+                    break
+                continue
+            state.used_bytes += charge
+            return slot
+        state.counters.errors += 1
+        raise TierFullError(
+            f"host memory is full: no slot for a {nbytes}-byte block (all evictable blocks are pinned)",
+            tier=self.host.name,
+        )
+
+    # ---- eviction ----------------------------------------------------------------------------
+
+    def _make_room_locked(self, state: _TierState, nbytes: int) -> list[BlockKey]:
+        """Evict until ``nbytes`` more fit; return the victims whose bytes must still be deleted
+        (lower tiers: deleted by the caller outside the lock; host: deleted here)."""
+        victims: list[BlockKey] = []
+        if state.index == HOST:
+            self._expire_leases_locked()
+        while not state.fits(nbytes):
+            victim = self._evict_one_locked(state)
+            if victim is None:
+                raise TierFullError(
+                    f"{state.tier.name} tier is full ({state.used_bytes} of {state.tier.capacity_bytes} "
+                    "bytes) and every block in it is pinned",
+                    tier=state.tier.name,
+                )
+            victims.append(victim)
+        return victims
+
+    def _evict_one_locked(self, state: _TierState) -> BlockKey | None:
+        records = self._records
+        index = state.index
+
+        def clean(key: BlockKey) -> bool:
+            record = records[key]
+            return record.pins == 0 and record.held_below(index)
+
+        def unpinned(key: BlockKey) -> bool:
+            return records[key].pins == 0 or index != HOST
+
+        is_bottom = index == len(self._states) - 1
+        victim = None if is_bottom else state.policy.pop_victim(clean)
+        if victim is None:
+            victim = state.policy.pop_victim(unpinned)
+            if victim is None:
+                return None
+            if not is_bottom and not records[victim].held_below(index):
+                state.counters.dropped += 1
+        self._forget_locked(state, victim)
+        state.counters.evictions += 1
+        if index == HOST:
+            self.host.delete(victim)
+        return victim
+
+    def _forget_locked(self, state: _TierState, key: BlockKey) -> None:
+        """Remove ``key`` from ``state``'s accounting and the record (no I/O)."""
+        record = self._records[key]
+        record.tiers &= ~(1 << state.index)
+        state.used_bytes -= state.tier.stored_nbytes(record.nbytes)
+        state.blocks -= 1
+        state.policy.remove(key)
+        if record.tiers == 0 and record.pins == 0:
+            del self._records[key]
+
+    def _delete_below(self, state: _TierState, keys: list[BlockKey]) -> None:
+        for key in keys:
+            try:
+                state.tier.delete(key)
+            except KVTierError as exc:
+                log.warning("could not delete evicted block %s from %s: %s", key, state.tier.name, exc)
+                with self._lock:
+                    state.counters.errors += 1
+
+    # ---- demotion ----------------------------------------------------------------------------
+
+    def _queue_demotion_locked(self, key: BlockKey) -> None:
+        if self._pending_demotions >= self.config.demotion_queue_limit:
+            self._states[HOST].counters.dropped += 1
+            return
+        self._pending_demotions += 1
+        self._demoter.submit(self._demote, key, True)
+
+    def _demote(self, key: BlockKey, queued: bool) -> None:
+        """Copy a host block into every lower tier that lacks it (runs on a demotion thread)."""
+        try:
+            with self._lock:
+                record = self._records.get(key)
+                if record is None or not record.in_tier(HOST):
+                    return  # evicted before its turn
+                record.pins += 1
+                nbytes, checksum = record.nbytes, record.checksum
+            try:
+                view = self.host.view(key)
+                if view is not None:
+                    for state in self._states[1:]:
+                        self._write_below(state, key, view, nbytes, checksum)
+            finally:
+                with self._lock:
+                    record.pins -= 1
+                    if record.tiers == 0 and record.pins == 0:
+                        self._records.pop(key, None)
+        finally:
+            if queued:
+                with self._lock:
+                    self._pending_demotions -= 1
+                    if self._pending_demotions == 0:
+                        self._idle.notify_all()
+
+    def _write_below(self, state: _TierState, key: BlockKey, view: memoryview, nbytes: int, checksum: int | None) -> None:
+        charge = state.tier.stored_nbytes(nbytes)
+        with self._lock:
+            record = self._records.get(key)
+            if record is None or record.in_tier(state.index):
+                return
+            try:
+                victims = self._make_room_locked(state, charge)
+            except TierFullError:
+                state.counters.errors += 1
+                return
+            state.used_bytes += charge  # reserved while writing
+        self._delete_below(state, victims)
+        try:
+            state.tier.put(key, view, checksum if checksum is not None else payload_checksum(view))
+        except KVTierError as exc:
+            log.warning("demotion of %s to %s failed: %s", key, state.tier.name, exc)
+            with self._lock:
+                state.used_bytes -= charge
+                state.counters.errors += 1
+            return
+        with self._lock:
+            record = self._records.get(key)
+            if record is None:  # deleted meanwhile; keep the copy tracked so it can be evicted
+                record = self._records[key] = BlockRecord(nbytes, checksum)
+            record.tiers |= 1 << state.index
+            state.blocks += 1
+            state.policy.insert(key)
+            state.counters.demotions += 1
+            state.counters.bytes_in += nbytes
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued demotion has finished; False on timeout."""
+        with self._lock:
+            return self._idle.wait_for(lambda: self._pending_demotions == 0, timeout)
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    def lookup(self, keys: Sequence[BlockKey]) -> list[str]:
+        """Tier names of the longest run of ``keys`` present, from the first key (no I/O)."""
+        found: list[str] = []
+        with self._lock:
+            for key in keys:
+                record = self._records.get(key)
+                if record is None or record.tiers == 0:
+                    break
+                found.append(self._states[(record.tiers & -record.tiers).bit_length() - 1].tier.name)
+        return found
+
+    def contains(self, key: BlockKey) -> bool:
+        with self._lock:
+            record = self._records.get(key)
+            return record is not None and record.tiers != 0
+
+    def get(self, key: BlockKey) -> bytes | None:
+        """The block's bytes (verified if they came from below), or None on a miss."""
+        with self._lock:
+            record = self._records.get(key)
+            if record is not None and record.in_tier(HOST):
+                record.pins += 1
+            else:
+                self._states[HOST].counters.misses += 1
+                record = None
+        if record is not None:
+            data = None
+            try:
+                view = self.host.view(key)
+                data = bytes(view) if view is not None else None
+            finally:
+                with self._lock:
+                    record.pins -= 1
+                    state = self._states[HOST]
+                    if data is not None:
+                        state.counters.hits += 1
+                        state.counters.bytes_out += len(data)
+                        state.policy.access(key)
+            return data
+        if self._promote(key):
+            view = self.host.view(key)  # just promoted; a racing eviction can only make this None
+            return bytes(view) if view is not None else None
+        return None
+
+    def _promote(self, key: BlockKey) -> bool:
+        """Bring a block from the highest lower tier holding it into host memory."""
+        for state in self._states[1:]:
+            with self._lock:
+                record = self._records.get(key)
+                if record is None:
+                    return False
+                if record.in_tier(HOST):
+                    return True
+                if not record.in_tier(state.index):
+                    state.counters.misses += 1
+                    continue
+                nbytes = record.nbytes
+                try:
+                    slot = self._reserve_locked(key, nbytes)
+                except TierFullError:
+                    return False
+            if self._read_below(state, key, slot):
+                self.commit(slot, self._records_checksum(key, slot))
+                with self._lock:
+                    state.counters.promotions += 1
+                return True
+            self.abort(slot)
+        return False
+
+    def _records_checksum(self, key: BlockKey, slot: Slot) -> int:
+        with self._lock:
+            record = self._records.get(key)
+            if record is not None and record.checksum is not None:
+                return record.checksum
+        return payload_checksum(self.host.slot_view(slot))
+
+    def _read_below(self, state: _TierState, key: BlockKey, slot: Slot) -> bool:
+        try:
+            found = state.tier.read_into(key, self.host.slot_view(slot))
+        except CorruptBlockError as exc:
+            log.warning("corrupt block %s in %s: %s; deleting it", key, state.tier.name, exc)
+            self._drop_from(state, key, corrupt=True)
+            return False
+        except KVTierError as exc:
+            log.warning("reading %s from %s failed: %s", key, state.tier.name, exc)
+            with self._lock:
+                state.counters.errors += 1
+                state.counters.misses += 1
+            return False
+        if not found:
+            self._drop_from(state, key, corrupt=False)
+            return False
+        with self._lock:
+            state.counters.hits += 1
+            state.counters.bytes_out += slot.nbytes
+            state.policy.access(key)
+        return True
+
+    def _drop_from(self, state: _TierState, key: BlockKey, corrupt: bool) -> None:
+        with self._lock:
+            record = self._records.get(key)
+            if record is not None and record.in_tier(state.index):
+                self._forget_locked(state, key)
+            state.counters.misses += 1
+            if corrupt:
+                state.counters.corrupt += 1
+        if corrupt:
+            self._delete_below(state, [key])
+
+    def prefetch(self, keys: Sequence[BlockKey]) -> Future[int]:
+        """Promote the longest present run of ``keys`` into host memory in the background.
+
+        The future's result is how many leading keys are in host memory when it finishes.
+        """
+
+        def run() -> int:
+            for count, key in enumerate(keys):
+                if not self.contains(key) or not self._promote(key):
+                    return count
+            return len(keys)
+
+        return self._promoter.submit(run)
+
+    # ---- leases ------------------------------------------------------------------------------
+
+    def acquire(self, keys: Sequence[BlockKey], ttl_s: float | None = None) -> Lease:
+        """Pin the leading run of ``keys`` that is in host memory; the lease lists them."""
+        with self._lock:
+            self._check_open()
+            self._expire_leases_locked()
+            pinned: list[BlockKey] = []
+            for key in keys:
+                record = self._records.get(key)
+                if record is None or not record.in_tier(HOST):
+                    break
+                record.pins += 1
+                self._states[HOST].policy.access(key)
+                pinned.append(key)
+            lease = Lease(next(self._lease_ids), tuple(pinned), self._clock() + (ttl_s or self.config.lease_ttl_s))
+            self._leases[lease.lease_id] = lease
+            return lease
+
+    def release(self, lease_id: int) -> None:
+        with self._lock:
+            lease = self._leases.pop(lease_id, None)
+            if lease is None:
+                raise LeaseError(f"lease {lease_id} is unknown: never granted, already released or expired")
+            self._unpin_locked(lease)
+
+    def _expire_leases_locked(self) -> None:
+        now = self._clock()
+        for lease_id in [i for i, lease in self._leases.items() if lease.expires_at <= now]:
+            self._unpin_locked(self._leases.pop(lease_id))
+
+    def _unpin_locked(self, lease: Lease) -> None:
+        for key in lease.keys:
+            record = self._records.get(key)
+            if record is not None:
+                record.pins -= 1
+
+    def expire_leases(self) -> None:
+        with self._lock:
+            self._expire_leases_locked()
+
+    # ---- stats and lifecycle -----------------------------------------------------------------
+
+    def stats(self) -> ChainStats:
+        with self._lock:
+            tiers = tuple(
+                TierStats(
+                    name=s.tier.name,
+                    kind=s.tier.kind,
+                    capacity_bytes=s.tier.capacity_bytes,
+                    used_bytes=s.used_bytes,
+                    blocks=s.blocks,
+                    counters=TierCounters(**{f: getattr(s.counters, f) for f in TierCounters.__slots__}),
+                )
+                for s in self._states
+            )
+            pinned = sum(1 for record in self._records.values() if record.pins > 0)
+            return ChainStats(tiers, self._pending_demotions, len(self._leases), pinned)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KVTierError("the tier chain is closed")
+
+    def close(self, flush_timeout: float | None = 30.0) -> None:
+        """Stop taking writes, wait for demotions (up to ``flush_timeout``), close every tier."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.flush(flush_timeout)
+        self._demoter.shutdown(wait=True, cancel_futures=True)
+        self._promoter.shutdown(wait=True, cancel_futures=True)
+        for state in self._states:
+            state.tier.close()
+
+    def __enter__(self) -> TierChain:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

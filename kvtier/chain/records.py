@@ -1,0 +1,39 @@
+"""The chain's catalogue entries and leases (bookkeeping only; the chain's lock guards them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvtier.blocks.keys import BlockKey
+
+
+@dataclass(slots=True)
+class BlockRecord:
+    """Where one block lives. ``tiers`` is a bitmask over the chain's tier indices (bit 0 = host).
+
+    Invariant: a host copy with ``pins > 0`` is never evicted, so its arena slot is never reused
+    while a reader or a demotion holds it.
+    """
+
+    nbytes: int
+    checksum: int | None  # XXH3-64 of the payload; None until read back when found by a scan
+    tiers: int = 0
+    pins: int = 0
+
+    def in_tier(self, index: int) -> bool:
+        return bool(self.tiers >> index & 1)
+
+    def lowest_tier(self) -> int | None:
+        return None if self.tiers == 0 else self.tiers.bit_length() - 1
+
+    def held_below(self, index: int) -> bool:
+        return self.tiers >> (index + 1) != 0
+
+
+@dataclass(slots=True)
+class Lease:
+    """Pins on host copies of ``keys`` until released or ``expires_at`` (chain clock seconds)."""
+
+    lease_id: int
+    keys: tuple[BlockKey, ...]
+    expires_at: float

@@ -1,0 +1,205 @@
+"""The shared-memory arena and its slab allocator (bookkeeping only, no I/O).
+
+Arena: one file in a memory filesystem (``/dev/shm`` by default), created ``0600`` and mapped
+``MAP_SHARED``, so another process of the same user (a vLLM worker) maps the same bytes with
+:meth:`SharedArena.attach` and reads or writes slots in place. The file holds raw slot bytes and
+no header: which key lives at which offset is told by the owner (the daemon), never read from
+the arena. Space is reserved with ``posix_fallocate`` at creation so a full ``/dev/shm`` fails
+then, with a clear error, instead of a ``SIGBUS`` on first touch.
+
+Allocator: the arena is cut into pages of ``page_nbytes``. A *slab* serves one slot size (one
+layout's block size, rounded up to ``SLOT_ALIGN``) and is one page, or a run of contiguous pages
+for blocks larger than a page. Slots never straddle slabs, every slot offset is a multiple of
+``SLOT_ALIGN`` (so the disk tier can use ``O_DIRECT`` straight from a slot), and a slab whose
+slots are all free returns its pages to the arena, so the split between layouts follows demand.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvtier.errors import ConfigError, TierFullError
+
+SLOT_ALIGN = 4096
+
+
+def round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+class SharedArena:
+    """A shared, file-backed memory region. ``owner`` arenas unlink their file on :meth:`close`."""
+
+    def __init__(self, path: Path, fd: int, nbytes: int, owner: bool) -> None:
+        self.path = path
+        self.nbytes = nbytes
+        self.owner = owner
+        self._fd = fd
+        self._map = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.buffer = memoryview(self._map)
+
+    @classmethod
+    def create(cls, path: Path, nbytes: int) -> SharedArena:
+        """Create a new arena file of ``nbytes`` (fails if it exists), mode 0600."""
+        if nbytes <= 0:
+            raise ConfigError(f"host arena size must be positive, got {nbytes}")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise ConfigError(
+                f"arena file {path} already exists: another kvtier process owns it, or a crashed "
+                "one left it behind (remove it if no kvtier process is running)"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot create arena file {path}: {exc.strerror}") from exc
+        try:
+            os.fchmod(fd, 0o600)
+            os.posix_fallocate(fd, 0, nbytes)
+            return cls(path, fd, nbytes, owner=True)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(path)
+            raise ConfigError(
+                f"cannot reserve {nbytes} bytes for the host arena in {path.parent}: {exc.strerror}; "
+                "lower host.capacity or enlarge the memory filesystem (e.g. the pod's /dev/shm)"
+            ) from exc
+
+    @classmethod
+    def attach(cls, path: Path | str) -> SharedArena:
+        """Map an existing arena created by another process."""
+        fd = os.open(path, os.O_RDWR)
+        return cls(Path(path), fd, os.fstat(fd).st_size, owner=False)
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        return self.buffer[offset : offset + nbytes]
+
+    def close(self) -> None:
+        """Unmap (and, for the owner, remove the file). Views still in use keep the map alive."""
+        try:
+            self.buffer.release()
+            self._map.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes away with it
+        os.close(self._fd)
+        if self.owner:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+@dataclass(slots=True)
+class _Slab:
+    first_page: int
+    npages: int
+    slot_nbytes: int
+    free_slots: list[int]  # offsets of free slots
+    slot_count: int
+
+    @property
+    def used(self) -> int:
+        return self.slot_count - len(self.free_slots)
+
+
+@dataclass(slots=True)
+class _SlotClass:
+    slot_nbytes: int
+    partial: dict[int, _Slab] = field(default_factory=dict)  # first_page -> slab with free slots
+
+
+class SlabAllocator:
+    """Fixed-size slots carved from slabs of arena pages. Not thread-safe: the caller locks."""
+
+    def __init__(self, arena_nbytes: int, page_nbytes: int) -> None:
+        if page_nbytes % SLOT_ALIGN:
+            raise ConfigError(f"host.slab_size must be a multiple of {SLOT_ALIGN}, got {page_nbytes}")
+        self.page_nbytes = page_nbytes
+        self.npages = arena_nbytes // page_nbytes
+        if self.npages == 0:
+            raise ConfigError(f"host arena ({arena_nbytes} bytes) is smaller than one slab ({page_nbytes} bytes)")
+        self._page_free = bytearray(b"\x01") * self.npages
+        self._free_pages = self.npages
+        self._owner: dict[int, _Slab] = {}  # first_page -> slab
+        self._classes: dict[int, _SlotClass] = {}
+        self.used_bytes = 0  # bytes of allocated slots
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.npages * self.page_nbytes
+
+    @staticmethod
+    def slot_nbytes_for(nbytes: int) -> int:
+        return round_up(max(nbytes, 1), SLOT_ALIGN)
+
+    def allocate(self, nbytes: int) -> int:
+        """Return the offset of a free slot for ``nbytes``; raise TierFullError when none is left."""
+        slot_nbytes = self.slot_nbytes_for(nbytes)
+        klass = self._classes.setdefault(slot_nbytes, _SlotClass(slot_nbytes))
+        if not klass.partial:
+            self._new_slab(klass)
+        first_page, slab = next(iter(klass.partial.items()))
+        offset = slab.free_slots.pop()
+        if not slab.free_slots:
+            del klass.partial[first_page]
+        self.used_bytes += slot_nbytes
+        return offset
+
+    def free(self, offset: int, nbytes: int) -> None:
+        slot_nbytes = self.slot_nbytes_for(nbytes)
+        slab = self._slab_of(offset)
+        if slab.slot_nbytes != slot_nbytes:
+            raise AssertionError(f"slot at {offset} is {slab.slot_nbytes} bytes, freed as {slot_nbytes}")
+        slab.free_slots.append(offset)
+        self.used_bytes -= slot_nbytes
+        klass = self._classes[slot_nbytes]
+        if slab.used == 0:
+            klass.partial.pop(slab.first_page, None)
+            self._release_slab(slab)
+        else:
+            klass.partial[slab.first_page] = slab
+
+    def _slab_of(self, offset: int) -> _Slab:
+        page = offset // self.page_nbytes
+        while page >= 0:
+            slab = self._owner.get(page)
+            if slab is not None:
+                return slab
+            page -= 1
+        raise AssertionError(f"offset {offset} belongs to no slab")
+
+    def _new_slab(self, klass: _SlotClass) -> None:
+        npages = max(1, -(-klass.slot_nbytes // self.page_nbytes))
+        first = self._find_free_run(npages)
+        if first is None:
+            raise TierFullError(
+                f"host arena has no free slab for {klass.slot_nbytes}-byte slots "
+                f"({self._free_pages} of {self.npages} pages free)",
+                tier="host",
+            )
+        for page in range(first, first + npages):
+            self._page_free[page] = 0
+        self._free_pages -= npages
+        base = first * self.page_nbytes
+        count = (npages * self.page_nbytes) // klass.slot_nbytes
+        slots = [base + i * klass.slot_nbytes for i in reversed(range(count))]
+        slab = _Slab(first, npages, klass.slot_nbytes, slots, count)
+        self._owner[first] = slab
+        klass.partial[first] = slab
+
+    def _release_slab(self, slab: _Slab) -> None:
+        del self._owner[slab.first_page]
+        for page in range(slab.first_page, slab.first_page + slab.npages):
+            self._page_free[page] = 1
+        self._free_pages += slab.npages
+
+    def _find_free_run(self, npages: int) -> int | None:
+        if self._free_pages < npages:
+            return None
+        if npages == 1:
+            index = self._page_free.find(1)
+            return None if index < 0 else index
+        index = self._page_free.find(b"\x01" * npages)
+        return None if index < 0 else index
