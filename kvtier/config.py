@@ -157,7 +157,10 @@ def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"])
-        lines.append(f"  {where}: {item['msg']} (got {item.get('input')!r})")
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown setting (valid settings are listed in the README, section Configuration)")
+        else:
+            lines.append(f"  {where}: {item['msg']} (got {item.get('input')!r})")
     return "invalid kvtier configuration:\n" + "\n".join(lines)
 
 

@@ -1,0 +1,34 @@
+"""Entry point of the ``kvtier`` command: one subcommand per module."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kvtier import __version__
+from kvtier.cli import demo
+from kvtier.errors import KVTierError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvtier", description="Tiered KV-cache offloading for vLLM fleets.")
+    parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    demo.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except KVTierError as exc:
+        print(f"kvtier: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

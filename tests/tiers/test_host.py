@@ -1,0 +1,154 @@
+"""Host tier specifics: the shared arena (mapped by a second process), slots and capacity."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kvtier.blocks.keys import BlockKey
+from kvtier.config import HostTierConfig
+from kvtier.errors import ConfigError, InvalidRequestError, TierFullError
+from kvtier.tiers.arena import SLOT_ALIGN, SlabAllocator
+from kvtier.tiers.host import HostTier, auto_host_capacity
+
+
+def key(n: int) -> BlockKey:
+    return BlockKey("0123456789abcdef", n.to_bytes(16, "big"))
+
+
+@pytest.fixture
+def host() -> HostTier:
+    tier = HostTier(HostTierConfig(capacity="4MiB", slab_size="1MiB"))
+    yield tier
+    tier.close()
+
+
+def test_arena_file_is_private_and_removed_on_close() -> None:
+    tier = HostTier(HostTierConfig(capacity="1MiB", slab_size="1MiB"))
+    mode = stat.S_IMODE(os.stat(tier.arena.path).st_mode)
+    assert mode == 0o600
+    path = tier.arena.path
+    tier.close()
+    assert not path.exists()
+
+
+def test_second_process_reads_and_writes_the_arena(host: HostTier) -> None:
+    blocks = {n: os.urandom(20000 + n) for n in range(8)}
+    for n, data in blocks.items():
+        host.put(key(n), data, 0)
+    # A slot the child fills in place, committed by this process afterwards (the worker's save path).
+    reserved = host.reserve(key(100), 50000)
+    locations = [(host.location(key(n)).offset, len(data), data.hex()) for n, data in blocks.items()]
+    child = textwrap.dedent(
+        """
+        import json, sys
+        from kvtier.tiers.arena import SharedArena
+        spec = json.loads(sys.stdin.read())
+        arena = SharedArena.attach(spec["path"])
+        for offset, size, hexdata in spec["blocks"]:
+            assert bytes(arena.view(offset, size)) == bytes.fromhex(hexdata), offset
+        arena.view(spec["write_offset"], spec["write_size"])[:] = b"W" * spec["write_size"]
+        arena.close()
+        print("ok")
+        """
+    )
+    spec = {"path": str(host.arena.path), "blocks": locations, "write_offset": reserved.offset, "write_size": 50000}
+    result = subprocess.run([sys.executable, "-c", child], input=json.dumps(spec), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+    host.commit(reserved)
+    assert host.get(key(100)) == b"W" * 50000
+
+
+def test_reserved_slot_is_invisible_until_commit(host: HostTier) -> None:
+    slot = host.reserve(key(1), 1000)
+    assert not host.contains(key(1))
+    host.slot_view(slot)[:] = b"q" * 1000
+    host.commit(slot)
+    assert host.get(key(1)) == b"q" * 1000
+    with pytest.raises(InvalidRequestError):
+        host.commit(slot)  # double commit
+
+
+def test_abort_frees_the_slot(host: HostTier) -> None:
+    slot = host.reserve(key(1), 1000)
+    used = host.used_bytes
+    host.abort(slot)
+    assert host.used_bytes == used - SLOT_ALIGN
+    assert not host.contains(key(1))
+    with pytest.raises(InvalidRequestError):
+        host.abort(slot)
+
+
+def test_capacity_is_hard(host: HostTier) -> None:
+    block = 256 * 1024
+    for n in range(16):  # 4 MiB / 256 KiB
+        host.put(key(n), b"x" * block, 0)
+    with pytest.raises(TierFullError):
+        host.put(key(99), b"x" * block, 0)
+    assert host.used_bytes == host.capacity_bytes
+    host.delete(key(0))
+    host.put(key(99), b"y" * block, 0)
+    assert host.get(key(99)) == b"y" * block
+
+
+def test_slab_pages_return_when_empty_and_serve_other_sizes() -> None:
+    allocator = SlabAllocator(4 << 20, 1 << 20)
+    small = [allocator.allocate(4096) for _ in range(4 * 256)]  # fills all 4 pages
+    with pytest.raises(TierFullError):
+        allocator.allocate(300_000)
+    for offset in small[:256]:
+        allocator.free(offset, 4096)
+    big = allocator.allocate(300_000)  # a freed page now serves the bigger class
+    assert big % SLOT_ALIGN == 0
+    assert allocator.used_bytes == 3 * 256 * 4096 + SlabAllocator.slot_nbytes_for(300_000)
+
+
+def test_blocks_larger_than_a_slab_use_page_runs() -> None:
+    allocator = SlabAllocator(8 << 20, 1 << 20)
+    offsets = [allocator.allocate(3 << 20) for _ in range(2)]
+    assert len(set(offsets)) == 2
+    with pytest.raises(TierFullError):
+        allocator.allocate(3 << 20)
+    allocator.free(offsets[0], 3 << 20)
+    assert allocator.allocate(3 << 20) == offsets[0]
+
+
+def test_slots_are_aligned_and_disjoint() -> None:
+    allocator = SlabAllocator(16 << 20, 1 << 20)
+    spans = []
+    for size in [1, 5000, 65536, 70000, 1 << 20, 3000, 2 << 20]:
+        offset = allocator.allocate(size)
+        assert offset % SLOT_ALIGN == 0
+        spans.append((offset, offset + size))
+    spans.sort()
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+
+
+def test_bad_settings_are_rejected(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="smaller than one slab"):
+        HostTier(HostTierConfig(capacity="1MiB", slab_size="2MiB"))
+    with pytest.raises(ConfigError, match="multiple of 4096"):
+        HostTier(HostTierConfig(capacity="1MiB", slab_size=5000))
+    first = HostTier(HostTierConfig(capacity="1MiB", slab_size="1MiB", shm_dir=tmp_path, name="dup"))
+    try:
+        with pytest.raises(ConfigError, match="already exists"):
+            HostTier(HostTierConfig(capacity="1MiB", slab_size="1MiB", shm_dir=tmp_path, name="dup"))
+    finally:
+        first.close()
+
+
+def test_auto_capacity_fits_the_memory_filesystem(tmp_path) -> None:
+    import shutil
+
+    capacity = auto_host_capacity(Path("/dev/shm"), 16 << 20)
+    assert 0 < capacity <= 64 * 1024**3
+    assert capacity % (16 << 20) == 0
+    assert capacity <= shutil.disk_usage("/dev/shm").free
