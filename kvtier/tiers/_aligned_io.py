@@ -15,6 +15,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from kvtier.tiers.base import Buffer
 
@@ -55,6 +56,7 @@ class _PyBuffer(ctypes.Structure):  # CPython's Py_buffer
     ]
 
 
+_get_buffer: Any
 try:
     _get_buffer = ctypes.pythonapi.PyObject_GetBuffer
     _get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
@@ -80,10 +82,9 @@ def address_of(view: memoryview) -> int | None:
             return None
     except BufferError:
         return None
-    try:
-        return info.buf
-    finally:
-        _release_buffer(ctypes.byref(info))
+    address: int | None = info.buf
+    _release_buffer(ctypes.byref(info))
+    return address
 
 
 def is_aligned(view: memoryview) -> bool:

@@ -24,6 +24,9 @@ Invariants:
 - Every read checks the header checksum, the key, the length and the payload checksum.
 - All I/O offsets and sizes are multiples of 4096, so the same files serve O_DIRECT and
   buffered I/O; ``o_direct=auto`` probes the filesystem once at open.
+- Thread-safe: scratch buffers are per thread; the rename or unlink of a key and the
+  ``used_bytes`` update happen under one of 64 striped locks. One DiskTier per folder (``.lock``),
+  which is what makes deleting ``.tmp`` files at open safe.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import fcntl
 import logging
 import os
 import secrets
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -46,24 +50,27 @@ from kvtier.tiers._aligned_io import (
     PAGE,
     Scratch,
     as_bytes_view,
-    is_aligned,
+    fsync_dir,
     pread_all,
     probe_o_direct,
     pwrite_all,
+    read_segments,
     round_up,
+    size_or_zero,
+    unlink_quietly,
+    write_segments,
 )
 from kvtier.tiers.base import Buffer, StoredBlock, Tier
 
-try:
-    from typing import override  # Python >= 3.12
-except ImportError:  # pragma: no cover
+if sys.version_info >= (3, 12):
+    from typing import override
+else:  # pragma: no cover
     from typing_extensions import override
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".kvb"
 _HEX = frozenset("0123456789abcdef")
-_ZERO_PAGE = memoryview(bytes(PAGE))
 _LOCK_STRIPES = 64  # renames and unlinks of one key serialise on one stripe (exact used_bytes)
 
 
@@ -247,52 +254,31 @@ class DiskTier(Tier):
             except FileNotFoundError:
                 self._make_dirs(directory)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | self._direct_flag, 0o644)
-            pwrite_all(fd, self._write_segments(memoryview(header), data), 0)
+            pwrite_all(fd, write_segments(self._scratch, memoryview(header), data, self.o_direct), 0)
             if self._fsync:
                 os.fsync(fd)
             os.close(fd)
             fd = -1
             with self._stripe(key):
-                old = _size_or_zero(final)
+                old = size_or_zero(final)
                 os.rename(tmp, final)
                 with self._used_lock:
                     self._used += size - old
             if self._fsync:
-                _fsync_dir(directory)
-        except OSError as exc:
+                fsync_dir(directory)
+        except BaseException as exc:  # never leave the temporary file behind
             if fd >= 0:
                 os.close(fd)
-            _unlink_quietly(tmp)
-            raise self._os_error(exc, final, "write") from exc
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
+            if isinstance(exc, OSError):
+                raise self._os_error(exc, final, "write") from exc
             raise
 
     def _make_dirs(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         if self._fsync:  # make the new folders themselves durable
-            _fsync_dir(os.path.dirname(directory))
-            _fsync_dir(self.root)
-
-    def _write_segments(self, header: memoryview, data: memoryview) -> list[memoryview]:
-        """Header page + payload + zero padding, as I/O segments that O_DIRECT accepts if it is on."""
-        full, rest = divmod(len(data), PAGE)
-        if not self.o_direct:
-            return [header, data, _ZERO_PAGE[: (PAGE - rest) % PAGE]]
-        if is_aligned(data):  # zero copy, except the last partial page
-            segments = [header, data[: full * PAGE]]
-            if rest:
-                tail = self._scratch.tail
-                tail[:rest] = data[full * PAGE :]
-                tail[rest:] = _ZERO_PAGE[rest:]
-                segments.append(memoryview(tail))
-            return segments
-        bounce = self._scratch.bounce(round_up(len(data)))
-        bounce[: len(data)] = data
-        bounce[len(data) :] = bytes(len(bounce) - len(data))
-        return [header, bounce]
+            fsync_dir(os.path.dirname(directory))
+            fsync_dir(self.root)
 
     @override
     def get(self, key: BlockKey) -> bytes | None:
@@ -336,36 +322,22 @@ class DiskTier(Tier):
         fd = self._open_for_read(path)
         if fd is None:
             return False
-        n = len(out)
         try:
             file_size = os.fstat(fd).st_size
-            header_page = memoryview(self._scratch.read_header)
-            if file_size != self.stored_nbytes(n) or file_size < PAGE:
-                # Report a size the caller did not expect apart from a damaged file.
-                if file_size >= PAGE and pread_all(fd, [header_page], 0) == PAGE:
-                    header = decode_header(header_page[:HEADER_NBYTES], tier=self.name, where=path)
-                    if header.payload_nbytes != n:
-                        raise CorruptBlockError(
-                            f"{path}: stored payload is {header.payload_nbytes} bytes, expected {n}", tier=self.name
-                        )
-                raise CorruptBlockError(f"{path}: file is {file_size} bytes, expected {self.stored_nbytes(n)}", tier=self.name)
-            full, rest = divmod(n, PAGE)
-            if not self.o_direct:
-                segments, bounce = [header_page, out], None
-            elif is_aligned(out):
-                segments, bounce = [header_page, out[: full * PAGE]], None
-                if rest:
-                    segments.append(memoryview(self._scratch.tail))
-            else:
-                bounce = self._scratch.bounce(round_up(n))
-                segments = [header_page, bounce]
-            if pread_all(fd, segments, 0) != PAGE + (n if not self.o_direct else round_up(n)):
-                raise CorruptBlockError(f"{path}: file shrank while read", tier=self.name)
-            if bounce is not None:
-                out[:] = bounce[:n]
-            elif self.o_direct and rest:
-                out[full * PAGE :] = self._scratch.tail[:rest]
-            header = decode_header(header_page[:HEADER_NBYTES], tier=self.name, where=path)
+            segments, finish = read_segments(self._scratch, out, self.o_direct)
+            whole = file_size == self.stored_nbytes(len(out))  # else read the header to say why not
+            got = pread_all(fd, segments if whole else segments[:1], 0)
+            if got < HEADER_NBYTES:
+                raise CorruptBlockError(f"{path}: truncated file ({file_size} bytes)", tier=self.name)
+            header = decode_header(segments[0][:HEADER_NBYTES], tier=self.name, where=path)
+            if header.payload_nbytes != len(out):
+                raise CorruptBlockError(
+                    f"{path}: stored payload is {header.payload_nbytes} bytes, expected {len(out)}", tier=self.name
+                )
+            self._check_size(path, header.payload_nbytes, file_size)
+            if got != sum(len(s) for s in segments):
+                raise CorruptBlockError(f"{path}: short read ({got} bytes)", tier=self.name)
+            finish()
             verify_payload(header, key, out, tier=self.name, where=path)
             return True
         except OSError as exc:
@@ -463,24 +435,3 @@ class DiskTier(Tier):
             f"o_direct={self.o_direct})"
         )
 
-
-def _size_or_zero(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
