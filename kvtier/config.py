@@ -18,7 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from kvtier.errors import ConfigError
 from kvtier.units import parse_size
@@ -115,7 +115,38 @@ class ChainConfig(_Section):
     demotion_queue_limit: int = Field(default=65536, ge=1)  # pending demotions beyond this are dropped
 
 
+def default_socket_path() -> Path:
+    """``$XDG_RUNTIME_DIR/kvtier/kvtier.sock``, else ``~/.cache/kvtier/run/kvtier.sock``."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "kvtier" if runtime else default_cache_dir() / "run"
+    return base / "kvtier.sock"
+
+
+class DaemonConfig(_Section):
+    """The node daemon: where it listens, how it authenticates TCP peers, its timeouts."""
+
+    node: str = Field(default_factory=lambda: os.uname().nodename)  # name reported to the index
+    socket_path: Path = Field(default_factory=default_socket_path)  # local clients; mode 0660, folder 0750
+    # Optional TCP listener ("host:port"), for peers and remote tools. Refused unless a token or
+    # mutual TLS is configured: every TCP call must authenticate.
+    tcp_address: str | None = None
+    auth_token: SecretStr | None = None  # bearer token for TCP calls (prefer KVTIER_DAEMON_AUTH_TOKEN)
+    auth_token_file: Path | None = None  # or read it from this file (e.g. a Kubernetes Secret)
+    tls_cert_file: Path | None = None  # server certificate for the TCP listener
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None  # set to require client certificates (mTLS)
+    metrics_address: str | None = "127.0.0.1:9400"  # Prometheus /metrics; None disables
+    reservation_ttl_s: float = Field(default=60.0, gt=0)  # uncommitted slots are reclaimed after this
+    reaper_interval_s: float = Field(default=1.0, gt=0)  # how often expired leases/reservations are reclaimed
+    max_message_bytes: ByteSize = parse_size("8MiB")  # larger requests get RESOURCE_EXHAUSTED
+    max_blocks_per_request: int = Field(default=65536, ge=1)
+    grace_period_s: float = Field(default=10.0, ge=0)  # in-flight calls may finish within this on SIGTERM
+    flush_timeout_s: float = Field(default=60.0, ge=0)  # write-back flush deadline on shutdown
+    workers: int = Field(default=8, ge=1, le=256)  # gRPC handler threads per listener
+
+
 class KVTierConfig(_Section):
+    daemon: DaemonConfig = DaemonConfig()
     host: HostTierConfig = HostTierConfig()
     disk: DiskTierConfig = DiskTierConfig()
     s3: S3TierConfig = S3TierConfig()

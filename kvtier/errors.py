@@ -17,6 +17,9 @@ callers never need to import a backend's exception types.
     │   ├── TierUnavailableError the backing service is down or keeps failing after retries
     │   └── CorruptBlockError    stored bytes fail their header or checksum check
     ├── LeaseError               an unknown, released or expired lease
+    ├── DaemonError              a call to the node daemon failed (carries the gRPC ``code``)
+    │   ├── DaemonUnavailableError  the daemon is not running, not reachable or too slow
+    │   └── AuthenticationError     the daemon refused the caller's credentials
     └── CopyError                the page-copy path rejected a request
         └── KernelUnavailableError  the CUDA kernel is not built or no GPU is present
 
@@ -72,6 +75,22 @@ class CorruptBlockError(TierError):
 
 class LeaseError(KVTierError):
     """A lease is unknown, already released or expired."""
+
+
+class DaemonError(KVTierError):
+    """A daemon call failed; ``code`` is the gRPC status name (e.g. ``INVALID_ARGUMENT``)."""
+
+    def __init__(self, message: str, *, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class DaemonUnavailableError(DaemonError):
+    """The daemon is not running, cannot be reached, or did not answer within the timeout."""
+
+
+class AuthenticationError(DaemonError):
+    """The daemon refused the caller's credentials (token or client certificate)."""
 
 
 class CopyError(KVTierError):

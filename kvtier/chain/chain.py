@@ -481,6 +481,15 @@ class TierChain:
             self._leases[lease.lease_id] = lease
             return lease
 
+    def host_location(self, key: BlockKey) -> tuple[Slot, int] | None:
+        """Slot and checksum of a host copy; stable only while the caller holds a pin on it."""
+        with self._lock:
+            record = self._records.get(key)
+            if record is None or not record.in_tier(HOST) or record.checksum is None:
+                return None
+            slot = self.host.location(key)
+            return None if slot is None else (slot, record.checksum)
+
     def release(self, lease_id: int) -> None:
         with self._lock:
             lease = self._leases.pop(lease_id, None)

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from kvtier import __version__
-from kvtier.cli import demo
+from kvtier.cli import demo, serve, stats
 from kvtier.errors import KVTierError
 
 
@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     subparsers = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(subparsers)
+    serve.add_parser(subparsers)
+    stats.add_parser(subparsers)
     return parser
 
 
@@ -25,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
+    except KeyboardInterrupt:
+        return 130
     except KVTierError as exc:
         print(f"kvtier: error: {exc}", file=sys.stderr)
         return 2

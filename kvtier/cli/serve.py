@@ -1,0 +1,73 @@
+"""``kvtier serve``: run the node daemon (embedded default: host arena + local disk, no S3)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from kvtier.config import load_config
+from kvtier.daemon.server import run_daemon
+
+# flag -> (section, key)
+_FLAG_SETTINGS = {
+    "socket": ("daemon", "socket_path"),
+    "tcp": ("daemon", "tcp_address"),
+    "metrics": ("daemon", "metrics_address"),
+    "host_capacity": ("host", "capacity"),
+    "disk_path": ("disk", "path"),
+    "disk_capacity": ("disk", "capacity"),
+    "s3_bucket": ("s3", "bucket"),
+    "s3_prefix": ("s3", "prefix"),
+    "s3_endpoint_url": ("s3", "endpoint_url"),
+    "s3_region": ("s3", "region"),
+    "eviction": ("chain", "eviction"),
+    "write_mode": ("chain", "write_mode"),
+}
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    overrides: dict[str, dict[str, Any]] = {}
+    for flag, (section, key) in _FLAG_SETTINGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    if args.no_metrics:
+        overrides.setdefault("daemon", {})["metrics_address"] = None
+    if args.no_disk:
+        overrides.setdefault("disk", {})["enabled"] = False
+    if args.s3_bucket:
+        overrides.setdefault("s3", {})["enabled"] = True
+    return overrides
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config, overrides=overrides_from(args))
+    logging.getLogger("kvtier").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    run_daemon(config)
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the node daemon",
+        description="Run the kvtier node daemon. Settings come from --config (TOML), KVTIER_<SECTION>_<KEY> "
+        "environment variables, then these flags.",
+    )
+    parser.add_argument("--config", help="TOML configuration file")
+    parser.add_argument("--socket", help="Unix socket for local clients")
+    parser.add_argument("--tcp", help="also listen on host:port (needs KVTIER_DAEMON_AUTH_TOKEN or mutual TLS)")
+    parser.add_argument("--metrics", help="Prometheus metrics on host:port (default 127.0.0.1:9400)")
+    parser.add_argument("--no-metrics", action="store_true", help="do not serve metrics")
+    parser.add_argument("--host-capacity", help="host arena size, e.g. 32GiB (default: a quarter of free memory)")
+    parser.add_argument("--disk-path", help="disk tier folder")
+    parser.add_argument("--disk-capacity", help="disk tier size, e.g. 500GiB")
+    parser.add_argument("--no-disk", action="store_true", help="no disk tier")
+    parser.add_argument("--s3-bucket", help="enable the S3 tier with this bucket")
+    parser.add_argument("--s3-prefix")
+    parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, S3 Express...)")
+    parser.add_argument("--s3-region")
+    parser.add_argument("--eviction", choices=["lru", "s3fifo"])
+    parser.add_argument("--write-mode", choices=["write-back", "write-through"])
+    parser.set_defaults(handler=run_serve)

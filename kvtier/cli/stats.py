@@ -1,0 +1,64 @@
+"""``kvtier stats``: a running daemon's tiers as a table, as JSON, or refreshed live."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from kvtier.cli.format import render_chain_stats
+from kvtier.client import DaemonClient, DaemonStats
+from kvtier.config import load_config
+
+
+def stats_to_dict(stats: DaemonStats) -> dict[str, object]:
+    return {
+        "node": stats.node,
+        "version": stats.version,
+        "uptime_s": round(stats.uptime_s, 3),
+        "active_reservations": stats.active_reservations,
+        **stats.chain.to_dict(),
+    }
+
+
+def render(stats: DaemonStats) -> str:
+    header = f"kvtier {stats.version} on {stats.node}, up {stats.uptime_s:.0f}s, {stats.active_reservations} open reservations"
+    return header + "\n" + render_chain_stats(stats.chain)
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    if args.address:
+        token = Path(args.token_file).read_text().strip() if args.token_file else None
+        target: str | Path = args.address
+    else:
+        token = None
+        target = Path(args.socket) if args.socket else load_config().daemon.socket_path
+    with DaemonClient(target, token=token, timeout_s=args.timeout) as client:
+        iteration = 0
+        while True:
+            stats = client.stats()
+            if args.json:
+                print(json.dumps(stats_to_dict(stats), sort_keys=True), flush=True)
+            else:
+                if args.watch and sys.stdout.isatty():
+                    print("\033[2J\033[H", end="")
+                print(render(stats) + ("\n" if args.watch else ""), flush=True)
+            iteration += 1
+            if not args.watch or (args.count and iteration >= args.count):
+                return 0
+            time.sleep(args.interval)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("stats", help="show a running daemon's tiers")
+    parser.add_argument("--socket", help="daemon socket (default: the configured daemon.socket_path)")
+    parser.add_argument("--address", help="daemon TCP address host:port instead of the socket")
+    parser.add_argument("--token-file", help="file holding the bearer token for --address")
+    parser.add_argument("--json", action="store_true", help="print JSON (one object per refresh)")
+    parser.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
+    parser.add_argument("--count", type=int, default=0, help="with --watch, stop after this many refreshes")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon")
+    parser.set_defaults(handler=run_stats)

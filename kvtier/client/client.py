@@ -1,0 +1,222 @@
+"""Typed, batched client of the node daemon (what the vLLM connector uses).
+
+Control calls go over gRPC (a Unix socket locally, or TCP with a bearer token and optional TLS);
+block bytes go through the daemon's shared-memory arena, which the client maps once.
+
+Every call has a deadline (``timeout_s``); gRPC errors are translated into kvtier errors here, at
+the boundary: an unreachable or slow daemon is :class:`DaemonUnavailableError`, which callers on
+the engine's step treat as a miss.
+
+Reads are verified: :meth:`DaemonClient.read_blocks` checks each block's XXH3-64 against the
+checksum the daemon recorded at commit, so bytes that changed in the arena are never returned.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvtier.blocks.checksum import payload_checksum
+from kvtier.blocks.layout import KVLayout
+from kvtier.chain.stats import ChainStats, TierCounters, TierStats
+from kvtier.client.types import DaemonStats, LeaseGrant, LeasedBlock, RegisteredLayout, Reservation, ReserveStatus
+from kvtier.daemon.wire import layout_to_proto
+from kvtier.errors import (
+    AuthenticationError,
+    CorruptBlockError,
+    DaemonError,
+    DaemonUnavailableError,
+    InvalidRequestError,
+    LayoutError,
+    LeaseError,
+)
+from kvtier.tiers.arena import SharedArena
+from kvtier.v1 import daemon_pb2 as pb
+from kvtier.v1 import daemon_pb2_grpc as pb_grpc
+
+_ERROR_OF: dict[grpc.StatusCode, type[DaemonError] | type] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.FAILED_PRECONDITION: LayoutError,
+    grpc.StatusCode.NOT_FOUND: LeaseError,
+    grpc.StatusCode.UNAVAILABLE: DaemonUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DaemonUnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
+}
+
+_RESERVE_STATUS = {pb.RESERVED: ReserveStatus.RESERVED, pb.ALREADY_PRESENT: ReserveStatus.ALREADY_PRESENT, pb.NO_SPACE: ReserveStatus.NO_SPACE}
+
+
+def _translate(exc: grpc.RpcError, method: str) -> Exception:
+    code = exc.code()
+    error_type = _ERROR_OF.get(code, DaemonError)
+    message = f"{method}: {exc.details() or code.name}"
+    if issubclass(error_type, DaemonError):
+        return error_type(message, code=code.name)
+    return error_type(message)
+
+
+def _target_of(target: str | Path) -> str:
+    text = str(target)
+    if text.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return text
+    if text.startswith("/") or text.startswith(".") or isinstance(target, Path):
+        return f"unix:{Path(text).absolute()}"
+    return text  # host:port
+
+
+class DaemonClient:
+    """A connection to one daemon. Thread-safe (gRPC channels are); one per process is enough."""
+
+    def __init__(
+        self,
+        target: str | Path,
+        *,
+        token: str | None = None,
+        tls_root_certificates: bytes | None = None,
+        tls_client_cert: tuple[bytes, bytes] | None = None,  # (key, cert) for mutual TLS
+        timeout_s: float = 5.0,
+        client_id: str | None = None,
+    ) -> None:
+        self.target = _target_of(target)
+        self.timeout_s = timeout_s
+        self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if tls_root_certificates is not None or tls_client_cert is not None:
+            key, cert = tls_client_cert or (None, None)
+            credentials = grpc.ssl_channel_credentials(tls_root_certificates, key, cert)
+            self._channel = grpc.secure_channel(self.target, credentials)
+        else:
+            self._channel = grpc.insecure_channel(self.target)
+        self._stub = pb_grpc.KVTierDaemonStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._arena: SharedArena | None = None
+        self._arena_path: str | None = None
+
+    def _call(self, method: str, request: object, timeout_s: float | None = None) -> object:
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _translate(exc, method) from None
+
+    # ---- control plane -----------------------------------------------------------------------
+
+    def health(self) -> bool:
+        try:
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.timeout_s)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def register_layout(self, layout: KVLayout) -> RegisteredLayout:
+        reply = self._call("RegisterLayout", pb.RegisterLayoutRequest(layout=layout_to_proto(layout), expected_layout_id=layout.layout_id))
+        self._arena_path = reply.arena_path
+        return RegisteredLayout(reply.layout_id, reply.block_nbytes, reply.arena_path, reply.arena_nbytes)
+
+    def lookup(self, layout_id: str, block_hashes: Sequence[bytes]) -> list[str]:
+        return list(self._call("Lookup", pb.LookupRequest(layout_id=layout_id, block_hashes=block_hashes)).tiers)
+
+    def reserve(self, layout_id: str, block_hashes: Sequence[bytes], block_nbytes: int = 0) -> list[Reservation]:
+        reply = self._call("Reserve", pb.ReserveRequest(client_id=self.client_id, layout_id=layout_id, block_hashes=block_hashes, block_nbytes=block_nbytes))
+        return [
+            Reservation(h, _RESERVE_STATUS[r.status], r.slot.offset, r.slot.nbytes, r.slot.reservation_id)
+            for h, r in zip(block_hashes, reply.results)
+        ]
+
+    def commit(self, reservation_ids: Sequence[int]) -> int:
+        return self._call("Commit", pb.CommitRequest(client_id=self.client_id, reservation_ids=reservation_ids)).committed
+
+    def abort(self, reservation_ids: Sequence[int]) -> int:
+        return self._call("Abort", pb.AbortRequest(client_id=self.client_id, reservation_ids=reservation_ids)).aborted
+
+    def acquire(self, layout_id: str, block_hashes: Sequence[bytes], ttl_s: float = 0) -> LeaseGrant:
+        reply = self._call("Acquire", pb.AcquireRequest(client_id=self.client_id, layout_id=layout_id, block_hashes=block_hashes, ttl_ms=int(ttl_s * 1000)))
+        blocks = tuple(LeasedBlock(s.block_hash, s.offset, s.nbytes, s.checksum) for s in reply.slots)
+        return LeaseGrant(reply.lease_id, blocks, reply.expires_in_ms / 1000)
+
+    def release(self, lease_id: int) -> None:
+        self._call("Release", pb.ReleaseRequest(client_id=self.client_id, lease_id=lease_id))
+
+    def prefetch(self, layout_id: str, block_hashes: Sequence[bytes], wait_s: float = 0) -> tuple[int, bool]:
+        reply = self._call("Prefetch", pb.PrefetchRequest(layout_id=layout_id, block_hashes=block_hashes, wait_ms=int(wait_s * 1000)),
+                           timeout_s=self.timeout_s + wait_s)
+        return reply.host_blocks, reply.done
+
+    def disconnect(self) -> tuple[int, int]:
+        reply = self._call("Disconnect", pb.DisconnectRequest(client_id=self.client_id))
+        return reply.released_leases, reply.aborted_reservations
+
+    def stats(self) -> DaemonStats:
+        reply = self._call("Stats", pb.StatsRequest())
+        tiers = tuple(
+            TierStats(
+                name=t.name, kind=t.kind, capacity_bytes=t.capacity_bytes or None, used_bytes=t.used_bytes, blocks=t.blocks,
+                counters=TierCounters(
+                    hits=t.hits, misses=t.misses, bytes_in=t.bytes_in, bytes_out=t.bytes_out, evictions=t.evictions,
+                    dropped=t.dropped, demotions=t.demotions, promotions=t.promotions, corrupt=t.corrupt, errors=t.errors,
+                ),
+            )
+            for t in reply.tiers
+        )
+        chain = ChainStats(tiers, reply.pending_demotions, reply.active_leases, reply.pinned_blocks)
+        return DaemonStats(chain, reply.active_reservations, reply.uptime_s, reply.node, reply.version)
+
+    # ---- data plane --------------------------------------------------------------------------
+
+    def arena(self) -> SharedArena:
+        """The daemon's host arena, mapped on first use (after a register_layout call)."""
+        if self._arena is None:
+            if self._arena_path is None:
+                raise LayoutError("register a layout before using the arena")
+            self._arena = SharedArena.attach(self._arena_path)
+        return self._arena
+
+    def write_blocks(self, layout_id: str, blocks: Mapping[bytes, bytes]) -> dict[bytes, ReserveStatus]:
+        """Store blocks through the arena: reserve, copy in place, commit. Returns each block's status."""
+        hashes = list(blocks)
+        reservations = self.reserve(layout_id, hashes)
+        arena = self.arena()
+        committed = []
+        try:
+            for reservation in reservations:
+                if reservation.status is ReserveStatus.RESERVED:
+                    arena.view(reservation.offset, reservation.nbytes)[:] = blocks[reservation.block_hash]
+                    committed.append(reservation.reservation_id)
+        except BaseException:
+            if committed:
+                self.abort(committed)
+            raise
+        if committed:
+            self.commit(committed)
+        return {r.block_hash: r.status for r in reservations}
+
+    def read_blocks(self, layout_id: str, block_hashes: Sequence[bytes]) -> list[bytes]:
+        """Copy out the leading run of blocks held in host memory, each verified against its checksum."""
+        grant = self.acquire(layout_id, block_hashes)
+        try:
+            arena = self.arena()
+            out = []
+            for block in grant.blocks:
+                data = bytes(arena.view(block.offset, block.nbytes))
+                if payload_checksum(data) != block.checksum:
+                    raise CorruptBlockError(f"block {block.block_hash.hex()} changed in the arena after commit", tier="host")
+                out.append(data)
+            return out
+        finally:
+            self.release(grant.lease_id)
+
+    def close(self) -> None:
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
+        self._channel.close()
+
+    def __enter__(self) -> DaemonClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,55 @@
+"""Results of daemon calls, as the client returns them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from kvtier.chain.stats import ChainStats
+
+
+class ReserveStatus(Enum):
+    RESERVED = "reserved"  # write the slot, then commit it
+    ALREADY_PRESENT = "already_present"  # the daemon holds the block; nothing to write
+    NO_SPACE = "no_space"  # host memory is full of pinned blocks; skip this block
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredLayout:
+    layout_id: str
+    block_nbytes: int
+    arena_path: str
+    arena_nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    block_hash: bytes
+    status: ReserveStatus
+    offset: int  # arena offset of the slot (RESERVED only)
+    nbytes: int
+    reservation_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedBlock:
+    block_hash: bytes
+    offset: int
+    nbytes: int
+    checksum: int  # XXH3-64 recorded at commit; verify after copying out
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGrant:
+    lease_id: int
+    blocks: tuple[LeasedBlock, ...]  # the leading run of requested blocks held in host memory
+    expires_in_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonStats:
+    chain: ChainStats
+    active_reservations: int
+    uptime_s: float
+    node: str
+    version: str

@@ -1,0 +1,82 @@
+"""Authentication of the TCP listener: a bearer token (constant-time compare) and/or mutual TLS.
+
+The Unix socket needs none: its file mode (0660 in a 0750 folder) is the access control. The
+standard health service is answered without credentials so orchestrator probes work.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from kvtier.config import DaemonConfig
+from kvtier.errors import ConfigError
+
+_UNAUTHENTICATED_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+
+
+def _deny(message: str) -> grpc.RpcMethodHandler:
+    def abort(request: Any, context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Lets a call through only with metadata ``authorization: Bearer <token>``."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._missing = _deny("this kvtier endpoint requires 'authorization: Bearer <token>' metadata")
+        self._wrong = _deny("the bearer token is not valid for this kvtier endpoint")
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        if handler_call_details.method in _UNAUTHENTICATED_METHODS:
+            return continuation(handler_call_details)
+        supplied = dict(handler_call_details.invocation_metadata or ()).get("authorization")
+        if supplied is None:
+            return self._missing
+        if not hmac.compare_digest(str(supplied).encode(), self._expected):
+            return self._wrong
+        return continuation(handler_call_details)
+
+
+def resolve_token(config: DaemonConfig) -> str | None:
+    """The configured token, from the setting or its file (whitespace stripped)."""
+    if config.auth_token is not None:
+        token = config.auth_token.get_secret_value()
+    elif config.auth_token_file is not None:
+        try:
+            token = Path(config.auth_token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read daemon.auth_token_file {config.auth_token_file}: {exc.strerror}") from exc
+    else:
+        return None
+    if len(token) < 16:
+        raise ConfigError("the daemon auth token must be at least 16 characters long")
+    return token
+
+
+def server_credentials(config: DaemonConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials for the TCP listener, or None for plaintext (then a token is required)."""
+    if config.tls_cert_file is None and config.tls_key_file is None:
+        if config.tls_client_ca_file is not None:
+            raise ConfigError("daemon.tls_client_ca_file needs daemon.tls_cert_file and daemon.tls_key_file")
+        return None
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        raise ConfigError("set both daemon.tls_cert_file and daemon.tls_key_file for TLS")
+    try:
+        cert = Path(config.tls_cert_file).read_bytes()
+        key = Path(config.tls_key_file).read_bytes()
+        client_ca = Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else None
+    except OSError as exc:
+        raise ConfigError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from exc
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)

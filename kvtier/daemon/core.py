@@ -1,0 +1,264 @@
+"""The daemon's logic, free of gRPC: layouts, per-client reservations and leases, expiry.
+
+The servicer (``kvtier.daemon.servicer``) converts wire messages to calls on :class:`DaemonCore`
+and its errors to gRPC status codes; everything here speaks domain types and kvtier errors.
+
+Invariants:
+
+- A reservation or lease belongs to the client that made it; another client cannot commit,
+  abort or release it.
+- Every reservation and lease expires: a client that dies (or hangs) loses its slots after
+  ``reservation_ttl_s`` / the lease TTL, reclaimed by :meth:`DaemonCore.reap`, so nothing leaks.
+- A batch (commit, abort) is checked whole before anything is applied: an unknown id fails the
+  call and changes nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from kvtier.blocks.hashing import BLOCK_HASH_BYTES
+from kvtier.blocks.keys import BlockKey
+from kvtier.blocks.layout import KVLayout
+from kvtier.chain import ChainStats, TierChain
+from kvtier.config import DaemonConfig
+from kvtier.errors import InvalidRequestError, LayoutError, LeaseError, TierFullError
+from kvtier.tiers.host import Slot
+
+
+class ReserveStatus(Enum):
+    RESERVED = 1
+    ALREADY_PRESENT = 2
+    NO_SPACE = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveOutcome:
+    block_hash: bytes
+    status: ReserveStatus
+    slot: Slot | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedSlot:
+    block_hash: bytes
+    offset: int
+    nbytes: int
+    checksum: int
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireOutcome:
+    lease_id: int
+    slots: tuple[LeasedSlot, ...]
+    ttl_s: float
+
+
+@dataclass(slots=True)
+class _Reservation:
+    client_id: str
+    slot: Slot
+    expires_at: float
+
+
+@dataclass(slots=True)
+class _LeaseOwner:
+    client_id: str
+    expires_at: float
+
+
+class DaemonCore:
+    def __init__(self, chain: TierChain, config: DaemonConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.chain = chain
+        self.config = config
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._layouts: dict[str, KVLayout] = {}
+        self._reservations: dict[int, _Reservation] = {}
+        self._leases: dict[int, _LeaseOwner] = {}
+        self.started_at = time.time()
+
+    # ---- layouts -----------------------------------------------------------------------------
+
+    def register_layout(self, layout: KVLayout, expected_layout_id: str = "") -> KVLayout:
+        if expected_layout_id and expected_layout_id != layout.layout_id:
+            raise LayoutError(
+                f"client computed layout id {expected_layout_id}, daemon computes {layout.layout_id} for the "
+                "same descriptor: client and daemon run different kvtier versions; upgrade one of them"
+            )
+        with self._lock:
+            self._layouts.setdefault(layout.layout_id, layout)
+        return layout
+
+    def layout(self, layout_id: str) -> KVLayout:
+        with self._lock:
+            layout = self._layouts.get(layout_id)
+        if layout is None:
+            raise LayoutError(f"layout {layout_id!r} is not registered with this daemon; call RegisterLayout first")
+        return layout
+
+    def _keys(self, layout_id: str, block_hashes: Sequence[bytes]) -> list[BlockKey]:
+        self.layout(layout_id)
+        if len(block_hashes) > self.config.max_blocks_per_request:
+            raise InvalidRequestError(
+                f"{len(block_hashes)} blocks in one request; the limit is {self.config.max_blocks_per_request}"
+            )
+        for index, block_hash in enumerate(block_hashes):
+            if len(block_hash) != BLOCK_HASH_BYTES:
+                raise InvalidRequestError(
+                    f"block hash #{index} is {len(block_hash)} bytes; kvtier block hashes are {BLOCK_HASH_BYTES}"
+                )
+        return [BlockKey(layout_id, bytes(h)) for h in block_hashes]
+
+    # ---- lookups and prefetch ----------------------------------------------------------------
+
+    def lookup(self, layout_id: str, block_hashes: Sequence[bytes]) -> list[str]:
+        return self.chain.lookup(self._keys(layout_id, block_hashes))
+
+    def prefetch(self, layout_id: str, block_hashes: Sequence[bytes], wait_s: float) -> tuple[int, bool]:
+        """Start promoting; return (leading blocks in host memory now, whether promotion finished)."""
+        keys = self._keys(layout_id, block_hashes)
+        future = self.chain.prefetch(keys)
+        if wait_s > 0:
+            try:
+                future.result(timeout=wait_s)
+            except TimeoutError:
+                pass
+        host_blocks = 0
+        for tier in self.chain.lookup(keys):
+            if tier != self.chain.host.name:
+                break
+            host_blocks += 1
+        return host_blocks, future.done()
+
+    # ---- writes ------------------------------------------------------------------------------
+
+    def reserve(self, client_id: str, layout_id: str, block_hashes: Sequence[bytes], block_nbytes: int = 0) -> list[ReserveOutcome]:
+        self._check_client(client_id)
+        layout = self.layout(layout_id)
+        if block_nbytes and block_nbytes != layout.block_nbytes:
+            raise InvalidRequestError(
+                f"block size {block_nbytes} does not match layout {layout_id} ({layout.block_nbytes} bytes per block)"
+            )
+        outcomes: list[ReserveOutcome] = []
+        expires_at = self._clock() + self.config.reservation_ttl_s
+        for key in self._keys(layout_id, block_hashes):
+            if self.chain.lookup([key]):
+                outcomes.append(ReserveOutcome(key.block_hash, ReserveStatus.ALREADY_PRESENT))
+                continue
+            try:
+                slot = self.chain.reserve(key, layout.block_nbytes)
+            except TierFullError:
+                outcomes.append(ReserveOutcome(key.block_hash, ReserveStatus.NO_SPACE))
+                continue
+            with self._lock:
+                self._reservations[slot.reservation] = _Reservation(client_id, slot, expires_at)
+            outcomes.append(ReserveOutcome(key.block_hash, ReserveStatus.RESERVED, slot))
+        return outcomes
+
+    def _take_reservations(self, client_id: str, reservation_ids: Sequence[int]) -> list[Slot]:
+        with self._lock:
+            unknown = [r for r in reservation_ids if r not in self._reservations or self._reservations[r].client_id != client_id]
+            if unknown:
+                raise InvalidRequestError(
+                    f"reservations {unknown[:8]} are unknown to client {client_id!r}: never made, already "
+                    "committed or aborted, or expired"
+                )
+            if len(set(reservation_ids)) != len(reservation_ids):
+                raise InvalidRequestError("a reservation id appears twice in one request")
+            return [self._reservations.pop(r).slot for r in reservation_ids]
+
+    def commit(self, client_id: str, reservation_ids: Sequence[int]) -> int:
+        self._check_client(client_id)
+        for slot in self._take_reservations(client_id, reservation_ids):
+            self.chain.commit(slot)
+        return len(reservation_ids)
+
+    def abort(self, client_id: str, reservation_ids: Sequence[int]) -> int:
+        self._check_client(client_id)
+        for slot in self._take_reservations(client_id, reservation_ids):
+            self.chain.abort(slot)
+        return len(reservation_ids)
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    def acquire(self, client_id: str, layout_id: str, block_hashes: Sequence[bytes], ttl_s: float = 0) -> AcquireOutcome:
+        self._check_client(client_id)
+        keys = self._keys(layout_id, block_hashes)
+        ttl_s = ttl_s or self.chain.config.lease_ttl_s
+        lease = self.chain.acquire(keys, ttl_s)
+        slots = []
+        for key in lease.keys:
+            location = self.chain.host_location(key)
+            if location is None:  # cannot happen while pinned; stop the run rather than guess
+                break
+            slot, checksum = location
+            slots.append(LeasedSlot(key.block_hash, slot.offset, slot.nbytes, checksum))
+        with self._lock:
+            self._leases[lease.lease_id] = _LeaseOwner(client_id, self._clock() + ttl_s)
+        return AcquireOutcome(lease.lease_id, tuple(slots), ttl_s)
+
+    def release(self, client_id: str, lease_id: int) -> None:
+        self._check_client(client_id)
+        with self._lock:
+            owner = self._leases.get(lease_id)
+            if owner is None or owner.client_id != client_id:
+                raise LeaseError(f"lease {lease_id} is unknown to client {client_id!r}: already released or expired")
+            del self._leases[lease_id]
+        self.chain.release(lease_id)
+
+    # ---- clients and expiry ------------------------------------------------------------------
+
+    def disconnect(self, client_id: str) -> tuple[int, int]:
+        """Release every lease and abort every reservation of ``client_id``."""
+        with self._lock:
+            leases = [i for i, owner in self._leases.items() if owner.client_id == client_id]
+            reservations = [i for i, r in self._reservations.items() if r.client_id == client_id]
+        for lease_id in leases:
+            self._drop_lease(lease_id)
+        for reservation_id in reservations:
+            self._drop_reservation(reservation_id)
+        return len(leases), len(reservations)
+
+    def reap(self) -> None:
+        """Reclaim expired reservations and leases (called periodically by the server)."""
+        now = self._clock()
+        with self._lock:
+            leases = [i for i, owner in self._leases.items() if owner.expires_at <= now]
+            reservations = [i for i, r in self._reservations.items() if r.expires_at <= now]
+        for lease_id in leases:
+            self._drop_lease(lease_id)
+        for reservation_id in reservations:
+            self._drop_reservation(reservation_id)
+        self.chain.expire_leases()
+
+    def _drop_lease(self, lease_id: int) -> None:
+        with self._lock:
+            if self._leases.pop(lease_id, None) is None:
+                return
+        try:
+            self.chain.release(lease_id)
+        except LeaseError:
+            pass  # the chain expired it on its own clock already
+
+    def _drop_reservation(self, reservation_id: int) -> None:
+        with self._lock:
+            reservation = self._reservations.pop(reservation_id, None)
+        if reservation is not None:
+            self.chain.abort(reservation.slot)
+
+    @staticmethod
+    def _check_client(client_id: str) -> None:
+        if not client_id or len(client_id) > 256:
+            raise InvalidRequestError("client_id must be a non-empty string of at most 256 characters")
+
+    # ---- stats -------------------------------------------------------------------------------
+
+    def stats(self) -> tuple[ChainStats, int]:
+        with self._lock:
+            reservations = len(self._reservations)
+        return self.chain.stats(), reservations

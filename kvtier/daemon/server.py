@@ -1,0 +1,211 @@
+"""The node daemon process: the tier chain served over gRPC, with health, metrics and a reaper.
+
+Lifecycle: :meth:`DaemonServer.start` opens the tiers (the disk catalogue is rebuilt from what
+is on disk), maps the host arena, and starts listening on the Unix socket (and the TCP listener
+if configured). :meth:`DaemonServer.stop` (on SIGTERM or SIGINT) reports NOT_SERVING, stops
+taking calls, lets in-flight calls finish within ``grace_period_s``, flushes the write-back queue
+within ``flush_timeout_s``, closes the tiers and removes the socket and the arena file.
+
+The arena file's name derives from the socket path, so a daemon restarted after a crash finds
+the stale file of its predecessor and replaces it (after checking that no daemon answers on the
+socket). Nothing in the arena survives a restart; the disk and S3 tiers do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from kvtier.chain.factory import build_chain
+from kvtier.config import KVTierConfig
+from kvtier.daemon.auth import BearerTokenInterceptor, resolve_token, server_credentials
+from kvtier.daemon.core import DaemonCore
+from kvtier.daemon.metrics import serve_metrics, stop_metrics
+from kvtier.daemon.servicer import DaemonServicer
+from kvtier.errors import ConfigError
+from kvtier.v1 import daemon_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "kvtier.v1.KVTierDaemon"
+MAX_UNIX_PATH = 107
+
+
+def socket_is_live(path: Path) -> bool:
+    """Whether something accepts connections on the Unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+def arena_name_for(socket_path: Path) -> str:
+    digest = hashlib.sha256(str(socket_path.resolve()).encode()).hexdigest()[:12]
+    return f"kvtier-{digest}-arena"
+
+
+class DaemonServer:
+    def __init__(self, config: KVTierConfig) -> None:
+        self.config = config
+        self.socket_path = Path(config.daemon.socket_path)
+        self._stopped = threading.Event()
+        self._servers: list[grpc.Server] = []
+        self._metrics_server: object | None = None
+        self._reaper: threading.Thread | None = None
+        self.tcp_port: int | None = None
+        self.core: DaemonCore | None = None
+
+    # ---- start -------------------------------------------------------------------------------
+
+    def _prepare_socket_folder(self) -> None:
+        if len(str(self.socket_path)) > MAX_UNIX_PATH:
+            raise ConfigError(f"daemon.socket_path is {len(str(self.socket_path))} characters; Unix sockets allow {MAX_UNIX_PATH}")
+        folder = self.socket_path.parent
+        folder.mkdir(parents=True, exist_ok=True, mode=0o750)
+        if self.socket_path.exists():
+            if socket_is_live(self.socket_path):
+                raise ConfigError(f"a kvtier daemon is already listening on {self.socket_path}")
+            self.socket_path.unlink()  # left behind by a daemon that was killed
+
+    def _host_settings(self):
+        host = self.config.host
+        name = host.name or arena_name_for(self.socket_path)
+        stale = Path(host.shm_dir) / name
+        if stale.exists():
+            log.warning("removing the host arena %s left by a previous daemon", stale)
+            stale.unlink()
+        return host.model_copy(update={"name": name})
+
+    def start(self) -> None:
+        daemon_config = self.config.daemon
+        token = resolve_token(daemon_config)
+        tls = server_credentials(daemon_config)
+        if daemon_config.tcp_address and token is None and (tls is None or daemon_config.tls_client_ca_file is None):
+            raise ConfigError(
+                "daemon.tcp_address is set but TCP calls would be unauthenticated: set KVTIER_DAEMON_AUTH_TOKEN "
+                "(or daemon.auth_token_file), or mutual TLS (tls_cert_file, tls_key_file, tls_client_ca_file)"
+            )
+        self._prepare_socket_folder()
+        chain = build_chain(self.config, host=self._host_settings())
+        self.core = DaemonCore(chain, daemon_config)
+        servicer = DaemonServicer(self.core, daemon_config.node)
+        self._health = health.HealthServicer()
+        options = [
+            ("grpc.max_receive_message_length", daemon_config.max_message_bytes),
+            ("grpc.max_send_message_length", daemon_config.max_message_bytes),
+        ]
+        try:
+            local = self._new_server(servicer, options, interceptors=())
+            old_umask = os.umask(0o117)  # socket created 0660
+            try:
+                local.add_insecure_port(f"unix:{self.socket_path}")
+                local.start()
+            finally:
+                os.umask(old_umask)
+            os.chmod(self.socket_path, 0o660)
+            if daemon_config.tcp_address:
+                interceptors = (BearerTokenInterceptor(token),) if token else ()
+                remote = self._new_server(servicer, options, interceptors)
+                if tls is not None:
+                    self.tcp_port = remote.add_secure_port(daemon_config.tcp_address, tls)
+                else:
+                    self.tcp_port = remote.add_insecure_port(daemon_config.tcp_address)
+                remote.start()
+            if daemon_config.metrics_address:
+                self._metrics_server, _ = serve_metrics(daemon_config.metrics_address, self.core)
+        except BaseException:
+            self._shutdown_servers(0)
+            chain.close(flush_timeout=0)
+            raise
+        self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self._reaper = threading.Thread(target=self._reap_loop, name="kvtier-reaper", daemon=True)
+        self._reaper.start()
+        log.info("kvtier daemon serving on %s%s", self.socket_path,
+                 f" and {daemon_config.tcp_address}" if daemon_config.tcp_address else "")
+
+    def _new_server(self, servicer: DaemonServicer, options: list, interceptors: tuple) -> grpc.Server:
+        server = grpc.server(
+            ThreadPoolExecutor(self.config.daemon.workers, thread_name_prefix="kvtier-rpc"),
+            options=options,
+            interceptors=interceptors,
+        )
+        pb_grpc.add_KVTierDaemonServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self._servers.append(server)
+        return server
+
+    def _reap_loop(self) -> None:
+        while not self._stopped.wait(self.config.daemon.reaper_interval_s):
+            try:
+                self.core.reap()
+            except Exception:  # the reaper must outlive any single failure
+                log.exception("reaping expired leases and reservations failed")
+
+    # ---- stop --------------------------------------------------------------------------------
+
+    def _shutdown_servers(self, grace: float) -> None:
+        events = [server.stop(grace) for server in self._servers]
+        for event in events:
+            event.wait()
+        self._servers.clear()
+
+    def stop(self) -> None:
+        """Graceful stop: no new calls, in-flight calls finish, write-back flushed, tiers closed."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        daemon_config = self.config.daemon
+        if hasattr(self, "_health"):
+            self._health.enter_graceful_shutdown()
+        self._shutdown_servers(daemon_config.grace_period_s)
+        if self._metrics_server is not None:
+            stop_metrics(self._metrics_server)
+        if self.core is not None:
+            pending = self.core.chain.stats().pending_demotions
+            if pending:
+                log.info("flushing %d pending demotions (deadline %.0fs)", pending, daemon_config.flush_timeout_s)
+            self.core.chain.close(flush_timeout=daemon_config.flush_timeout_s)
+        try:
+            self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+        log.info("kvtier daemon stopped")
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def run_daemon(config: KVTierConfig, ready: threading.Event | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    server = DaemonServer(config)
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop_requested.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        if ready is not None:
+            ready.set()
+        print(f"kvtier daemon ready on {server.socket_path}", flush=True)
+        while not stop_requested.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

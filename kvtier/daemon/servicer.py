@@ -1,0 +1,171 @@
+"""gRPC servicer of the daemon API: wire messages <-> DaemonCore calls.
+
+The only module that imports generated types besides the client, and the one place where
+kvtier errors become gRPC status codes (``_STATUS_OF``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from kvtier import __version__
+from kvtier.daemon.core import DaemonCore, ReserveStatus
+from kvtier.daemon.wire import layout_from_proto
+from kvtier.daemon.metrics import RPC_LATENCY
+from kvtier.errors import (
+    ConfigError,
+    InvalidRequestError,
+    KVTierError,
+    LayoutError,
+    LeaseError,
+    TierFullError,
+    TierUnavailableError,
+)
+from kvtier.v1 import daemon_pb2 as pb
+from kvtier.v1 import daemon_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+# Most specific first.
+_STATUS_OF: tuple[tuple[type[KVTierError], grpc.StatusCode], ...] = (
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (LayoutError, grpc.StatusCode.FAILED_PRECONDITION),
+    (LeaseError, grpc.StatusCode.NOT_FOUND),
+    (TierFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TierUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+_RESERVE_STATUS = {
+    ReserveStatus.RESERVED: pb.RESERVED,
+    ReserveStatus.ALREADY_PRESENT: pb.ALREADY_PRESENT,
+    ReserveStatus.NO_SPACE: pb.NO_SPACE,
+}
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def status_code_of(error: KVTierError) -> grpc.StatusCode:
+    for error_type, code in _STATUS_OF:
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _rpc(handler: Handler) -> Handler:
+    """Time the call and turn kvtier errors into gRPC statuses with the error's message."""
+    method = handler.__name__
+
+    @functools.wraps(handler)
+    def wrapper(self: DaemonServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            return handler(self, request, context)
+        except KVTierError as exc:
+            status = status_code_of(exc)
+            code = status.name
+            context.abort(status, str(exc))
+        except Exception:
+            code = "INTERNAL"
+            log.exception("%s failed", method)
+            context.abort(grpc.StatusCode.INTERNAL, f"{method} failed inside the daemon; see its log")
+        finally:
+            RPC_LATENCY.labels(method=method, code=code).observe(time.perf_counter() - start)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class DaemonServicer(pb_grpc.KVTierDaemonServicer):
+    def __init__(self, core: DaemonCore, node: str) -> None:
+        self.core = core
+        self.node = node
+
+    @_rpc
+    def RegisterLayout(self, request: pb.RegisterLayoutRequest, context: grpc.ServicerContext) -> pb.RegisterLayoutResponse:
+        layout = self.core.register_layout(layout_from_proto(request.layout), request.expected_layout_id)
+        arena = self.core.chain.host.arena
+        return pb.RegisterLayoutResponse(
+            layout_id=layout.layout_id, block_nbytes=layout.block_nbytes, arena_path=str(arena.path), arena_nbytes=arena.nbytes
+        )
+
+    @_rpc
+    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
+        return pb.LookupResponse(tiers=self.core.lookup(request.layout_id, request.block_hashes))
+
+    @_rpc
+    def Reserve(self, request: pb.ReserveRequest, context: grpc.ServicerContext) -> pb.ReserveResponse:
+        outcomes = self.core.reserve(request.client_id, request.layout_id, request.block_hashes, request.block_nbytes)
+        results = []
+        for outcome in outcomes:
+            slot = None
+            if outcome.slot is not None:
+                slot = pb.Slot(
+                    block_hash=outcome.block_hash,
+                    offset=outcome.slot.offset,
+                    nbytes=outcome.slot.nbytes,
+                    reservation_id=outcome.slot.reservation,
+                )
+            results.append(pb.ReserveResult(status=_RESERVE_STATUS[outcome.status], slot=slot))
+        return pb.ReserveResponse(results=results)
+
+    @_rpc
+    def Commit(self, request: pb.CommitRequest, context: grpc.ServicerContext) -> pb.CommitResponse:
+        return pb.CommitResponse(committed=self.core.commit(request.client_id, list(request.reservation_ids)))
+
+    @_rpc
+    def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortResponse:
+        return pb.AbortResponse(aborted=self.core.abort(request.client_id, list(request.reservation_ids)))
+
+    @_rpc
+    def Acquire(self, request: pb.AcquireRequest, context: grpc.ServicerContext) -> pb.AcquireResponse:
+        outcome = self.core.acquire(request.client_id, request.layout_id, request.block_hashes, request.ttl_ms / 1000)
+        return pb.AcquireResponse(
+            lease_id=outcome.lease_id,
+            slots=[pb.Slot(block_hash=s.block_hash, offset=s.offset, nbytes=s.nbytes, checksum=s.checksum) for s in outcome.slots],
+            expires_in_ms=int(outcome.ttl_s * 1000),
+        )
+
+    @_rpc
+    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseResponse:
+        self.core.release(request.client_id, request.lease_id)
+        return pb.ReleaseResponse()
+
+    @_rpc
+    def Prefetch(self, request: pb.PrefetchRequest, context: grpc.ServicerContext) -> pb.PrefetchResponse:
+        host_blocks, done = self.core.prefetch(request.layout_id, request.block_hashes, request.wait_ms / 1000)
+        return pb.PrefetchResponse(host_blocks=host_blocks, done=done)
+
+    @_rpc
+    def Disconnect(self, request: pb.DisconnectRequest, context: grpc.ServicerContext) -> pb.DisconnectResponse:
+        leases, reservations = self.core.disconnect(request.client_id)
+        return pb.DisconnectResponse(released_leases=leases, aborted_reservations=reservations)
+
+    @_rpc
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        stats, reservations = self.core.stats()
+        tiers = []
+        for tier in stats.tiers:
+            c = tier.counters
+            tiers.append(pb.TierStats(
+                name=tier.name, kind=tier.kind, capacity_bytes=tier.capacity_bytes or 0, used_bytes=tier.used_bytes,
+                blocks=tier.blocks, hits=c.hits, misses=c.misses, bytes_in=c.bytes_in, bytes_out=c.bytes_out,
+                evictions=c.evictions, dropped=c.dropped, demotions=c.demotions, promotions=c.promotions,
+                corrupt=c.corrupt, errors=c.errors,
+            ))
+        return pb.StatsResponse(
+            tiers=tiers,
+            pending_demotions=stats.pending_demotions,
+            active_leases=stats.active_leases,
+            pinned_blocks=stats.pinned_blocks,
+            active_reservations=reservations,
+            uptime_s=time.time() - self.core.started_at,
+            node=self.node,
+            version=__version__,
+        )
