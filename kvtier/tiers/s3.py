@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,9 +51,9 @@ from kvtier.config import S3TierConfig
 from kvtier.errors import ConfigError, InvalidRequestError, KVTierError, TierUnavailableError
 from kvtier.tiers.base import Buffer, PutRequest, StoredBlock, Tier
 
-try:  # Python 3.12+
+if sys.version_info >= (3, 12):
     from typing import override
-except ImportError:  # pragma: no cover - Python 3.10/3.11
+else:  # pragma: no cover - Python 3.10/3.11
     from typing_extensions import override
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,8 @@ def _is_not_found(exc: BaseException) -> bool:
 
 def _client_config(settings: S3TierConfig) -> Config:
     options: dict[str, Any] = {
-        "retries": {"mode": "standard", "max_attempts": settings.max_attempts},
+        # total_max_attempts counts the first request; botocore's "max_attempts" key counts retries.
+        "retries": {"mode": "standard", "total_max_attempts": settings.max_attempts},
         "connect_timeout": settings.connect_timeout_s,
         "read_timeout": settings.read_timeout_s,
         # Batch helpers and the multipart transfer each run up to max_concurrency requests.
@@ -172,8 +174,7 @@ class S3Tier(Tier):
             code, status = _error_code(exc)
             if code in {"NoSuchBucket", "NotFound", "404"} or status == 404:
                 raise ConfigError(
-                    f"S3 bucket {self.bucket!r} does not exist at {self._where}: "
-                    "create it or fix KVTIER_S3_BUCKET"
+                    f"S3 bucket {self.bucket!r} does not exist at {self._where}: create it or fix KVTIER_S3_BUCKET"
                 ) from exc
             if code in _DENIED_CODES or status == 403:
                 raise ConfigError(
@@ -321,7 +322,9 @@ class S3Tier(Tier):
         except _FOREIGN_ERRORS as exc:
             raise self._unavailable("list", list_prefix, exc) from exc
         if skipped:
-            logger.warning("S3 tier %r: skipped %d objects under %r that are not kvtier blocks", self.name, skipped, list_prefix)
+            logger.warning(
+                "S3 tier %r: skipped %d objects under %r that are not kvtier blocks", self.name, skipped, list_prefix
+            )
 
     def _parse_listing(self, rest: str, obj_key: str, size: int) -> StoredBlock | None:
         try:
