@@ -14,8 +14,9 @@ Invariants:
   before a block is written; when nothing can be evicted the write is refused or skipped.
 - A pinned host copy (leased to a reader, or being demoted) is never evicted. Leases expire
   after ``lease_ttl_s`` if never released.
-- Eviction prefers blocks that already have a copy in a lower tier; a block with none is
-  dropped only when nothing else can go (counted as ``dropped``).
+- Eviction prefers blocks that already have a copy in a lower tier. A host block waiting for
+  its demotion is never evicted: when host memory holds nothing else, new writes are refused
+  (counted as ``dropped``) rather than losing blocks already stored, so a prefix stays whole.
 
 Locking: one lock guards the catalogue, policies, accounting and leases; it is never held
 across disk or network I/O (host-memory copies of a single block are the only exception).
@@ -135,10 +136,18 @@ class TierChain:
         return True
 
     def reserve(self, key: BlockKey, nbytes: int) -> Slot:
-        """Reserve a host slot for a writer, evicting as needed; raise TierFullError if impossible."""
+        """Reserve a host slot for a writer, evicting as needed; raise TierFullError if impossible.
+
+        A refused write counts as ``dropped``: every evictable block is pinned or still waiting
+        for its demotion (the writer outpaces the lower tiers; the step never waits for them).
+        """
         with self._lock:
             self._check_open()
-            return self._reserve_locked(key, nbytes)
+            try:
+                return self._reserve_locked(key, nbytes)
+            except TierFullError:
+                self._states[HOST].counters.dropped += 1
+                raise
 
     def commit(self, slot: Slot, checksum: int | None = None) -> BlockKey:
         """Make a reserved slot's bytes a visible block and schedule (or do) its demotion."""
@@ -164,8 +173,10 @@ class TierChain:
             state.counters.bytes_in += slot.nbytes
             state.policy.insert(key)
             needs_demotion = len(self._states) > 1 and not record.held_below(HOST)
-            if needs_demotion and self.config.write_mode is WriteMode.WRITE_BACK:
-                self._queue_demotion_locked(key)
+            if needs_demotion:
+                record.settled = False
+                if self.config.write_mode is WriteMode.WRITE_BACK:
+                    self._queue_demotion_locked(key)
         if needs_demotion and self.config.write_mode is WriteMode.WRITE_THROUGH:
             self._demote(key, queued=False)
         return key
@@ -197,9 +208,8 @@ class TierChain:
                 continue
             state.used_bytes += charge
             return slot
-        state.counters.errors += 1
         raise TierFullError(
-            f"host memory is full: no slot for a {nbytes}-byte block (all evictable blocks are pinned)",
+            f"host memory is full: no slot for a {nbytes}-byte block (every block is pinned or awaiting demotion)",
             tier=self.host.name,
         )
 
@@ -216,13 +226,15 @@ class TierChain:
             if victim is None:
                 raise TierFullError(
                     f"{state.tier.name} tier is full ({state.used_bytes} of {state.tier.capacity_bytes} "
-                    "bytes) and every block in it is pinned",
+                    "bytes) and every block in it is pinned or awaiting demotion",
                     tier=state.tier.name,
                 )
             victims.append(victim)
         return victims
 
     def _evict_one_locked(self, state: _TierState) -> BlockKey | None:
+        """Evict one block of ``state``: one with a copy below if possible, else (host: a
+        settled block whose demotion failed or was skipped; lower tiers: any block)."""
         records = self._records
         index = state.index
 
@@ -230,13 +242,14 @@ class TierChain:
             record = records[key]
             return record.pins == 0 and record.held_below(index)
 
-        def unpinned(key: BlockKey) -> bool:
-            return records[key].pins == 0 or index != HOST
+        def last_resort(key: BlockKey) -> bool:
+            record = records[key]
+            return index != HOST or (record.pins == 0 and record.settled)
 
         is_bottom = index == len(self._states) - 1
         victim = None if is_bottom else state.policy.pop_victim(clean)
         if victim is None:
-            victim = state.policy.pop_victim(unpinned)
+            victim = state.policy.pop_victim(last_resort)
             if victim is None:
                 return None
             if not is_bottom and not records[victim].held_below(index):
@@ -270,7 +283,8 @@ class TierChain:
 
     def _queue_demotion_locked(self, key: BlockKey) -> None:
         if self._pending_demotions >= self.config.demotion_queue_limit:
-            self._states[HOST].counters.dropped += 1
+            self._records[key].settled = True  # never demoted; evictable like any other
+            self._states[HOST].counters.errors += 1
             return
         self._pending_demotions += 1
         self._demoter.submit(self._demote, key, True)
@@ -292,6 +306,7 @@ class TierChain:
             finally:
                 with self._lock:
                     record.pins -= 1
+                    record.settled = True
                     if record.tiers == 0 and record.pins == 0:
                         self._records.pop(key, None)
         finally:
@@ -465,17 +480,24 @@ class TierChain:
     # ---- leases ------------------------------------------------------------------------------
 
     def acquire(self, keys: Sequence[BlockKey], ttl_s: float | None = None) -> Lease:
-        """Pin the leading run of ``keys`` that is in host memory; the lease lists them."""
+        """Pin the leading run of ``keys`` that is in host memory; the lease lists them.
+
+        Counted as reads: a host hit per pinned block, a host miss where the run stops early.
+        """
         with self._lock:
             self._check_open()
             self._expire_leases_locked()
             pinned: list[BlockKey] = []
+            host = self._states[HOST]
             for key in keys:
                 record = self._records.get(key)
                 if record is None or not record.in_tier(HOST):
+                    host.counters.misses += 1  # the run stops at the first block not in host memory
                     break
                 record.pins += 1
-                self._states[HOST].policy.access(key)
+                host.policy.access(key)
+                host.counters.hits += 1
+                host.counters.bytes_out += record.nbytes
                 pinned.append(key)
             lease = Lease(next(self._lease_ids), tuple(pinned), self._clock() + (ttl_s or self.config.lease_ttl_s))
             self._leases[lease.lease_id] = lease

@@ -11,14 +11,17 @@ from kvtier.blocks.keys import BlockKey
 class BlockRecord:
     """Where one block lives. ``tiers`` is a bitmask over the chain's tier indices (bit 0 = host).
 
-    Invariant: a host copy with ``pins > 0`` is never evicted, so its arena slot is never reused
-    while a reader or a demotion holds it.
+    Invariants: a host copy with ``pins > 0`` is never evicted, so its arena slot is never reused
+    while a reader or a demotion holds it; an unsettled host copy is never evicted either.
     """
 
     nbytes: int
     checksum: int | None  # XXH3-64 of the payload; None until read back when found by a scan
     tiers: int = 0
     pins: int = 0
+    # False while the host copy waits for (or is in) its demotion: such a block is not evicted
+    # from host memory, new writes are refused instead, so a prefix is not lost to a burst.
+    settled: bool = True
 
     def in_tier(self, index: int) -> bool:
         return bool(self.tiers >> index & 1)
