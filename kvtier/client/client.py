@@ -13,6 +13,7 @@ checksum the daemon recorded at commit, so bytes that changed in the arena are n
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -173,6 +174,7 @@ class DaemonClient:
             if self._arena_path is None:
                 raise LayoutError("register a layout before using the arena")
             self._arena = SharedArena.attach(self._arena_path)
+            threading.Thread(target=self._arena.prefault, name="kvtier-arena-prefault", daemon=True).start()
         return self._arena
 
     def write_blocks(self, layout_id: str, blocks: Mapping[bytes, bytes]) -> dict[bytes, ReserveStatus]:

@@ -20,10 +20,21 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kvtier.copy.base import CompletedHandle, CopyHandle, CudaEventHandle, PageCopier
+    from kvtier.copy.base import (
+        CompletedHandle,
+        CopyHandle,
+        CudaEventHandle,
+        PageCopier,
+    )
     from kvtier.copy.cuda_backend import CudaKernelPageCopier
     from kvtier.copy.factory import make_page_copier
-    from kvtier.copy.layout import Direction, PagedKV, PageInfo, describe_paged_kv, plan_segments
+    from kvtier.copy.layout import (
+        Direction,
+        PagedKV,
+        PageInfo,
+        describe_paged_kv,
+        plan_segments,
+    )
     from kvtier.copy.torch_backend import TorchPageCopier
 
 _EXPORTS = {

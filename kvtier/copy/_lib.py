@@ -16,7 +16,7 @@ import ctypes
 import os
 import threading
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from kvtier.errors import CopyError, KernelUnavailableError
@@ -163,7 +163,7 @@ class KernelLibrary:
                 self._check(self._lib.kvtier_host_unregister(address), "cudaHostUnregister")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(path: str) -> KernelLibrary:
     return KernelLibrary(Path(path))
 

@@ -71,6 +71,12 @@ class CudaEventHandle(CopyHandle):
         self._keepalive: tuple[Any, ...] | None = keepalive
         self._done = False
 
+    @property
+    def event(self) -> torch.cuda.Event:
+        """The completion event: ``stream.wait_event(handle.event)`` orders GPU work after the copy
+        without blocking the host (the handle must stay referenced until ``done()``)."""
+        return self._event
+
     def done(self) -> bool:
         if not self._done:
             try:

@@ -31,6 +31,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+
 import torch
 
 from kvtier.errors import CopyError
@@ -201,7 +202,7 @@ def describe_paged_kv(kv_caches: KVCaches | PagedKV, *, kv_split: bool | None = 
             )
         st = v.untyped_storage()
         storage = storages.get(st.data_ptr())
-        if storage is None or storage.numel() < st.nbytes():
+        if storage is None:
             storage = torch.empty(0, dtype=torch.uint8, device=device).set_(st, 0, (st.nbytes(),), (1,))
             storages[st.data_ptr()] = storage
         offset = v.data_ptr() - st.data_ptr()
@@ -232,16 +233,19 @@ def describe_paged_kv(kv_caches: KVCaches | PagedKV, *, kv_split: bool | None = 
 
 
 def _as_index(values: IndexLike, what: str) -> torch.Tensor:
-    if isinstance(values, torch.Tensor):
-        if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
-            raise CopyError(f"{what} must hold integers, got a {values.dtype} tensor")
-        if values.dim() != 1:
-            raise CopyError(f"{what} must be 1-D, got shape {tuple(values.shape)}")
-        return values.detach().to(device="cpu", dtype=torch.int64)
-    try:
-        return torch.as_tensor(list(values), dtype=torch.int64).reshape(-1)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
-        raise CopyError(f"{what} must be a sequence of ints: {exc}") from exc
+    if not isinstance(values, torch.Tensor):
+        items = list(values)
+        if not items:
+            return torch.empty(0, dtype=torch.int64)
+        try:
+            values = torch.as_tensor(items)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise CopyError(f"{what} must be a sequence of ints: {exc}") from exc
+    if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+        raise CopyError(f"{what} must hold integers, got {values.dtype} values")
+    if values.dim() != 1:
+        raise CopyError(f"{what} must be 1-D, got shape {tuple(values.shape)}")
+    return values.detach().to(device="cpu", dtype=torch.int64)
 
 
 def make_request(

@@ -13,8 +13,21 @@ from __future__ import annotations
 
 import torch
 
-from kvtier.copy.base import CompletedHandle, CopyHandle, CudaEventHandle, PageCopier, handle_size
-from kvtier.copy.layout import CopyRequest, Direction, PagedKV, PageRun, SlotRows, slot_rows
+from kvtier.copy.base import (
+    CompletedHandle,
+    CopyHandle,
+    CudaEventHandle,
+    PageCopier,
+    handle_size,
+)
+from kvtier.copy.layout import (
+    CopyRequest,
+    Direction,
+    PagedKV,
+    PageRun,
+    SlotRows,
+    slot_rows,
+)
 
 
 class TorchPageCopier(PageCopier):

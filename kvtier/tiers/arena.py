@@ -24,6 +24,8 @@ from pathlib import Path
 from kvtier.errors import ConfigError, TierFullError
 
 SLOT_ALIGN = 4096
+_MADV_POPULATE_READ = 22
+_MADV_POPULATE_WRITE = 23
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -72,6 +74,19 @@ class SharedArena:
         """Map an existing arena created by another process."""
         fd = os.open(path, os.O_RDWR)
         return cls(Path(path), fd, os.fstat(fd).st_size, owner=False)
+
+    def prefault(self, chunk_nbytes: int = 16 << 20) -> None:
+        """Map every page of the arena into this process now (first touches of a fresh mapping
+        cost a page fault each, several times slower than the copy). Does not change the bytes:
+        uses ``MADV_POPULATE_WRITE`` (Linux 5.14+), else ``MADV_POPULATE_READ``, else nothing.
+        Meant to run on a background thread right after create or attach."""
+        for advice in (_MADV_POPULATE_WRITE, _MADV_POPULATE_READ):
+            try:
+                for start in range(0, self.nbytes, chunk_nbytes):
+                    self._map.madvise(advice, start, min(chunk_nbytes, self.nbytes - start))
+                return
+            except (OSError, ValueError):
+                continue  # kernel too old for this advice, or the arena was closed meanwhile
 
     def view(self, offset: int, nbytes: int) -> memoryview:
         return self.buffer[offset : offset + nbytes]
@@ -137,7 +152,9 @@ class SlabAllocator:
     def allocate(self, nbytes: int) -> int:
         """Return the offset of a free slot for ``nbytes``; raise TierFullError when none is left."""
         slot_nbytes = self.slot_nbytes_for(nbytes)
-        klass = self._classes.setdefault(slot_nbytes, _SlotClass(slot_nbytes))
+        klass = self._classes.get(slot_nbytes)
+        if klass is None:
+            klass = self._classes[slot_nbytes] = _SlotClass(slot_nbytes)
         if not klass.partial:
             self._new_slab(klass)
         first_page, slab = next(iter(klass.partial.items()))

@@ -16,21 +16,21 @@ import itertools
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from kvtier.blocks.keys import BlockKey
 from kvtier.config import HostTierConfig
-from kvtier.errors import CorruptBlockError, InvalidRequestError
+from kvtier.errors import CorruptBlockError, InvalidRequestError, KVTierError
 from kvtier.tiers.arena import SharedArena, SlabAllocator
-from kvtier.tiers.base import Buffer, StoredBlock, Tier
+from kvtier.tiers.base import Buffer, PutRequest, StoredBlock, Tier
 
 AUTO_CAPACITY_CAP = 64 * 1024**3
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Slot:
     """A region of the arena: ``nbytes`` of payload at ``offset``. ``reservation`` ids a reserved one."""
 
@@ -67,6 +67,7 @@ class HostTier(Tier):
         super().__init__(name, self._allocator.capacity_bytes)
         filename = settings.name or f"kvtier-{os.getpid()}-{next(_instance_counter)}-arena"
         self.arena = SharedArena.create(settings.shm_dir / filename, self._allocator.capacity_bytes)
+        threading.Thread(target=self.arena.prefault, name="kvtier-arena-prefault", daemon=True).start()
         self._lock = threading.Lock()
         self._committed: dict[BlockKey, Slot] = {}
         self._reserved: dict[int, tuple[BlockKey, Slot]] = {}
@@ -129,9 +130,38 @@ class HostTier(Tier):
     # ---- Tier primitives ---------------------------------------------------------------------
 
     def put(self, key: BlockKey, payload: Buffer, checksum: int) -> None:
-        slot = self.reserve(key, len(payload))
-        self.arena.view(slot.offset, slot.nbytes)[:] = payload
-        self.commit(slot)
+        nbytes = len(payload)
+        if nbytes <= 0:
+            raise InvalidRequestError(f"block size must be positive, got {nbytes}")
+        with self._lock:  # one critical section: the copy holds the GIL anyway
+            offset = self._allocator.allocate(nbytes)
+            self.arena.buffer[offset : offset + nbytes] = payload
+            previous = self._committed.get(key)
+            self._committed[key] = Slot(offset, nbytes)
+            if previous is not None:
+                self._allocator.free(previous.offset, previous.nbytes)
+
+    def put_many(self, requests: Sequence[PutRequest]) -> list[KVTierError | None]:
+        """Store a batch under one lock acquisition (the per-block cost matters for small blocks)."""
+        results: list[KVTierError | None] = []
+        buffer, allocator, committed = self.arena.buffer, self._allocator, self._committed
+        with self._lock:
+            for request in requests:
+                nbytes = len(request.payload)
+                try:
+                    if nbytes <= 0:
+                        raise InvalidRequestError(f"block size must be positive, got {nbytes}")
+                    offset = allocator.allocate(nbytes)
+                except KVTierError as exc:
+                    results.append(exc)
+                    continue
+                buffer[offset : offset + nbytes] = request.payload
+                previous = committed.get(request.key)
+                committed[request.key] = Slot(offset, nbytes)
+                if previous is not None:
+                    allocator.free(previous.offset, previous.nbytes)
+                results.append(None)
+        return results
 
     def get(self, key: BlockKey) -> bytes | None:
         view = self.view(key)
