@@ -1,0 +1,204 @@
+"""The daemon's cost over the tier chain used directly, in the same run.
+
+A real daemon process (``python -m kvtier serve``, host tier only) is measured through the
+client library against a TierChain of the same size opened in this process:
+
+- lookup latency (p50, p99) for 256 and 2,048 hashes: the daemon round trip vs the direct call;
+- reserve+commit and acquire+release round trips (latency);
+- put and get throughput of whole batches: through the daemon (reserve, copy into the shared
+  arena, commit / acquire, copy out, verify the checksum, release) vs the same steps on the
+  chain directly. Target: the daemon path keeps at least 0.9 of the direct throughput.
+
+    python -m benchmarks.daemon [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import Row, command_line, compare, gbps, make_parser, print_table, repeats, summarize_targets, write_results
+from kvtier.blocks import KVLayout, hash_prompt, keys_for, payload_checksum
+from kvtier.chain import TierChain
+from kvtier.client import DaemonClient
+from kvtier.config import ChainConfig, HostTierConfig
+from kvtier.tiers.host import HostTier
+
+HOST_CAPACITY = "1GiB"
+
+
+def layout_for(block_nbytes: int) -> KVLayout:
+    # 2 layers x 2 heads x 16 tokens x (64+64) x 2 bytes = 16 KiB per layer page; scale heads.
+    heads = block_nbytes // (2 * 16 * 128 * 2)
+    return KVLayout(model="bench/daemon", dtype="bfloat16", num_layers=2, num_kv_heads=heads, head_size=64, block_size=16)
+
+
+def start_daemon(root: Path) -> tuple[subprocess.Popen, Path]:
+    socket_path = root / "kvtier.sock"
+    env = dict(os.environ, KVTIER_HOST_SHM_DIR="/dev/shm", KVTIER_HOST_SLAB_SIZE="64MiB")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvtier", "serve", "--socket", str(socket_path), "--host-capacity", HOST_CAPACITY,
+         "--no-disk", "--no-metrics"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    with DaemonClient(socket_path, timeout_s=1) as probe:
+        deadline = time.monotonic() + 30
+        while not (socket_path.exists() and probe.health()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the daemon did not start")
+            time.sleep(0.05)
+    return proc, socket_path
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def latency_rows(name: str, daemon_call, direct_call, iterations: int, extra: dict) -> list[Row]:
+    daemon_samples, direct_samples = [], []
+    for i in range(iterations):
+        pair = [(daemon_call, daemon_samples), (direct_call, direct_samples)]
+        for call, samples in (pair if i % 2 == 0 else reversed(pair)):
+            start = time.perf_counter()
+            call()
+            samples.append((time.perf_counter() - start) * 1e6)
+    rows = []
+    for label, q in (("p50", 0.5), ("p99", 0.99)):
+        rows.append(Row(f"{name} {label}", f"latency_{label}", percentile(daemon_samples, q), percentile(direct_samples, q),
+                        unit="us", better="lower", bound="TierChain called in-process", extra=extra))
+    return rows
+
+
+def run(args) -> list[Row]:
+    rows: list[Row] = []
+    root = Path(tempfile.mkdtemp(prefix="kvb-", dir="/tmp"))
+    proc, socket_path = start_daemon(root)
+    host = HostTier(HostTierConfig(capacity=HOST_CAPACITY, slab_size="64MiB"))
+    chain = TierChain([host], ChainConfig())
+    client = DaemonClient(socket_path, timeout_s=30)
+    try:
+        iterations = 200 if args.quick else 1000
+        # ---- control-plane latency -------------------------------------------------------------
+        small = layout_for(64 * 1024)
+        reg = client.register_layout(small)
+        hashes = hash_prompt(list(range(16 * 2048)), 16)
+        keys = keys_for(small.layout_id, hashes)
+        payload = os.urandom(small.block_nbytes)
+        for start in range(0, 2048, 256):
+            client.write_blocks(reg.layout_id, {h: payload for h in hashes[start:start + 256]})
+        for key in keys:
+            chain.put(key, payload)
+        for count in (256, 2048):
+            rows += latency_rows(f"lookup {count} hashes", lambda: client.lookup(reg.layout_id, hashes[:count]),
+                                 lambda: chain.lookup(keys[:count]), iterations // (4 if count > 256 else 1), {"blocks": count})
+        spare = hash_prompt(list(range(10**6, 10**6 + 16 * iterations)), 16)
+        spare_keys = keys_for(small.layout_id, spare)
+        counter = iter(range(len(spare)))
+        counter_direct = iter(range(len(spare)))
+
+        def reserve_commit_daemon() -> None:
+            reservation = client.reserve(reg.layout_id, [spare[next(counter)]])[0]
+            client.commit([reservation.reservation_id])
+
+        def reserve_commit_direct() -> None:
+            chain.commit(chain.reserve(spare_keys[next(counter_direct)], small.block_nbytes), checksum=0)
+
+        rows += latency_rows("reserve+commit 1 block", reserve_commit_daemon, reserve_commit_direct, iterations // 2, {"blocks": 1})
+        rows += latency_rows(
+            "acquire+release 32 blocks",
+            lambda: client.release(client.acquire(reg.layout_id, hashes[:32]).lease_id),
+            lambda: chain.release(chain.acquire(keys[:32]).lease_id),
+            iterations, {"blocks": 32},
+        )
+
+        # ---- data-plane throughput -------------------------------------------------------------
+        repeat = repeats(args, quick=5, full=9)
+        cases = [(256 * 1024, 32), (256 * 1024, 128), (2 << 20, 32)]
+        if not args.quick:
+            cases = [(64 * 1024, 32), (64 * 1024, 256)] + cases
+        for block_nbytes, batch in cases:
+            layout = layout_for(block_nbytes)
+            reg = client.register_layout(layout)
+            data = os.urandom(block_nbytes)
+            checksum = payload_checksum(data)
+            arena = client.arena()
+            rounds = iter(range(10**6))
+            rounds_direct = iter(range(10**6))
+
+            def batch_hashes(n: int) -> list[bytes]:
+                return hash_prompt([block_nbytes, batch, n] + list(range(16 * batch - 3)), 16)
+
+            def put_daemon() -> None:
+                hs = batch_hashes(next(rounds))
+                reservations = client.reserve(reg.layout_id, hs, block_nbytes)
+                for r in reservations:
+                    arena.view(r.offset, r.nbytes)[:] = data
+                client.commit([r.reservation_id for r in reservations])
+
+            def put_direct() -> None:
+                ks = keys_for(layout.layout_id, batch_hashes(next(rounds_direct)))
+                slots = [chain.reserve(k, block_nbytes) for k in ks]
+                for slot in slots:
+                    chain.host.slot_view(slot)[:] = data
+                for slot in slots:
+                    chain.commit(slot)
+
+            put_s, put_bound_s = compare(put_daemon, put_direct, repeat=repeat)
+            total = batch * block_nbytes
+            rows.append(Row(f"put {batch}x{block_nbytes >> 10}KiB", "put_throughput", gbps(total, put_s), gbps(total, put_bound_s),
+                            unit="GB/s", target=0.9, bound="TierChain reserve/copy/commit in-process", extra={"block_nbytes": block_nbytes, "batch": batch}))
+
+            read_hashes = batch_hashes(10**7)
+            client.write_blocks(reg.layout_id, {h: data for h in read_hashes})
+            read_keys = keys_for(layout.layout_id, read_hashes)
+            for key in read_keys:
+                chain.put(key, data, checksum)
+            out = bytearray(block_nbytes)
+
+            def get_daemon() -> None:
+                grant = client.acquire(reg.layout_id, read_hashes)
+                for block in grant.blocks:
+                    out[:] = arena.view(block.offset, block.nbytes)
+                    assert payload_checksum(out) == block.checksum
+                client.release(grant.lease_id)
+
+            def get_direct() -> None:
+                lease = chain.acquire(read_keys)
+                for key in lease.keys:
+                    slot, expected = chain.host_location(key)
+                    out[:] = chain.host.slot_view(slot)
+                    assert payload_checksum(out) == expected
+                chain.release(lease.lease_id)
+
+            get_s, get_bound_s = compare(get_daemon, get_direct, repeat=repeat)
+            rows.append(Row(f"get {batch}x{block_nbytes >> 10}KiB", "get_throughput", gbps(total, get_s), gbps(total, get_bound_s),
+                            unit="GB/s", target=0.9, bound="TierChain acquire/copy/verify in-process", extra={"block_nbytes": block_nbytes, "batch": batch}))
+    finally:
+        client.close()
+        chain.close()
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+def main() -> int:
+    args = make_parser(__doc__.splitlines()[0]).parse_args()
+    rows = run(args)
+    print_table(rows)
+    summarize_targets(rows)
+    if not args.no_write:
+        print(f"wrote {write_results('daemon', rows)}")
+    print(f"command: {command_line()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
