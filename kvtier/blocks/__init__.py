@@ -6,6 +6,7 @@ from kvtier.blocks.hashing import (
     ROOT_PARENT,
     HashExtras,
     MultimodalItem,
+    PrefixHasher,
     hash_block,
     hash_prompt,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "HashExtras",
     "KVLayout",
     "MultimodalItem",
+    "PrefixHasher",
     "block_key_of",
     "hash_block",
     "hash_prompt",

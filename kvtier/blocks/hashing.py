@@ -110,3 +110,28 @@ def hash_prompt(
         parent = hash_block(parent, token_ids[start:end], _extra_fields(extras, index, start, end))
         hashes.append(parent)
     return hashes
+
+
+class PrefixHasher:
+    """Incremental :func:`hash_prompt` for a growing token sequence (prompt, then generated tokens).
+
+    ``update(tokens)`` hashes the full blocks of ``tokens`` not hashed yet and returns all hashes
+    so far; ``tokens`` must extend the sequence seen by earlier calls.
+    """
+
+    def __init__(self, block_size: int, extras: HashExtras = NO_EXTRAS) -> None:
+        if block_size <= 0:
+            raise InvalidRequestError(f"block_size must be positive, got {block_size}")
+        self.block_size = block_size
+        self.extras = extras
+        self.hashes: list[bytes] = []
+
+    def update(self, token_ids: Sequence[int]) -> list[bytes]:
+        size = self.block_size
+        parent = self.hashes[-1] if self.hashes else ROOT_PARENT
+        for index in range(len(self.hashes), len(token_ids) // size):
+            start, end = index * size, (index + 1) * size
+            parent = hash_block(parent, token_ids[start:end], _extra_fields(self.extras, index, start, end))
+            self.hashes.append(parent)
+        return self.hashes
+

@@ -97,6 +97,7 @@ class DaemonClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._arena: SharedArena | None = None
         self._arena_path: str | None = None
+        self._daemon_instance: str | None = None
 
     def _call(self, method: str, request: object, timeout_s: float | None = None) -> object:
         try:
@@ -115,8 +116,12 @@ class DaemonClient:
 
     def register_layout(self, layout: KVLayout) -> RegisteredLayout:
         reply = self._call("RegisterLayout", pb.RegisterLayoutRequest(layout=layout_to_proto(layout), expected_layout_id=layout.layout_id))
+        if reply.daemon_instance != self._daemon_instance and self._arena is not None:
+            self._arena.close()  # a restarted daemon: its arena is a new file
+            self._arena = None
+        self._daemon_instance = reply.daemon_instance
         self._arena_path = reply.arena_path
-        return RegisteredLayout(reply.layout_id, reply.block_nbytes, reply.arena_path, reply.arena_nbytes)
+        return RegisteredLayout(reply.layout_id, reply.block_nbytes, reply.arena_path, reply.arena_nbytes, reply.daemon_instance)
 
     def lookup(self, layout_id: str, block_hashes: Sequence[bytes]) -> list[str]:
         return list(self._call("Lookup", pb.LookupRequest(layout_id=layout_id, block_hashes=block_hashes)).tiers)

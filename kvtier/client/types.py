@@ -20,6 +20,7 @@ class RegisteredLayout:
     block_nbytes: int
     arena_path: str
     arena_nbytes: int
+    daemon_instance: str  # changes when the daemon restarts
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -81,6 +82,7 @@ class DaemonCore:
         self._reservations: dict[int, _Reservation] = {}
         self._leases: dict[int, _LeaseOwner] = {}
         self.started_at = time.time()
+        self.instance = uuid.uuid4().hex  # new on every start: clients re-map the arena when it changes
 
     # ---- layouts -----------------------------------------------------------------------------
 

@@ -92,7 +92,11 @@ class DaemonServicer(pb_grpc.KVTierDaemonServicer):
         layout = self.core.register_layout(layout_from_proto(request.layout), request.expected_layout_id)
         arena = self.core.chain.host.arena
         return pb.RegisterLayoutResponse(
-            layout_id=layout.layout_id, block_nbytes=layout.block_nbytes, arena_path=str(arena.path), arena_nbytes=arena.nbytes
+            layout_id=layout.layout_id,
+            block_nbytes=layout.block_nbytes,
+            arena_path=str(arena.path),
+            arena_nbytes=arena.nbytes,
+            daemon_instance=self.core.instance,
         )
 
     @_rpc

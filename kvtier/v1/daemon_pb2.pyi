@@ -68,16 +68,18 @@ class RegisterLayoutRequest(_message.Message):
     def __init__(self, layout: _Optional[_Union[LayoutDescriptor, _Mapping]] = ..., expected_layout_id: _Optional[str] = ...) -> None: ...
 
 class RegisterLayoutResponse(_message.Message):
-    __slots__ = ("layout_id", "block_nbytes", "arena_path", "arena_nbytes")
+    __slots__ = ("layout_id", "block_nbytes", "arena_path", "arena_nbytes", "daemon_instance")
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_NBYTES_FIELD_NUMBER: _ClassVar[int]
     ARENA_PATH_FIELD_NUMBER: _ClassVar[int]
     ARENA_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    DAEMON_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     layout_id: str
     block_nbytes: int
     arena_path: str
     arena_nbytes: int
-    def __init__(self, layout_id: _Optional[str] = ..., block_nbytes: _Optional[int] = ..., arena_path: _Optional[str] = ..., arena_nbytes: _Optional[int] = ...) -> None: ...
+    daemon_instance: str
+    def __init__(self, layout_id: _Optional[str] = ..., block_nbytes: _Optional[int] = ..., arena_path: _Optional[str] = ..., arena_nbytes: _Optional[int] = ..., daemon_instance: _Optional[str] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("layout_id", "block_hashes")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.blocks import BlockKey, HashExtras, KVLayout, MultimodalItem, block_key_of, hash_prompt
+from kvtier.blocks import BlockKey, HashExtras, KVLayout, MultimodalItem, PrefixHasher, block_key_of, hash_prompt
 from kvtier.errors import InvalidRequestError, LayoutError
 
 VECTORS = json.loads((Path(__file__).parents[2] / "docs" / "block-identity-vectors.json").read_text())
@@ -124,3 +124,12 @@ def test_layout_fields_all_matter() -> None:
     ]
     ids = {KVLayout(**{**base, **v}).layout_id for v in variants}
     assert len(ids) == len(variants)
+
+
+def test_prefix_hasher_matches_hash_prompt() -> None:
+    extras = HashExtras(lora_name="l", cache_salt="s", multimodal=(MultimodalItem("img", 30, 8),))
+    tokens = list(range(100))
+    hasher = PrefixHasher(8, extras)
+    for end in (3, 8, 20, 41, 100):
+        hasher.update(tokens[:end])
+    assert hasher.hashes == hash_prompt(tokens, 8, extras)
