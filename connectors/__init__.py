@@ -1,0 +1,1 @@
+"""Integrations of kvtier into serving engines (``connectors.vllm``: the vLLM KV connector)."""

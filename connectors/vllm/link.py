@@ -1,0 +1,79 @@
+"""The connector's connection to the daemon, built to stay out of the engine's way.
+
+A failed call (daemon down, slow, restarted) makes the link answer ``None`` at once for
+``retry_after_s`` instead of calling again, so a dead daemon costs the step loop nothing;
+after that it reconnects, registers its layouts again and maps the (new) arena.
+Callers treat ``None`` as a miss: the engine recomputes, it never waits and never fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from connectors.vllm.embedded import ensure_daemon
+from connectors.vllm.settings import ConnectorSettings
+from kvtier.blocks import KVLayout
+from kvtier.client import DaemonClient
+from kvtier.errors import DaemonError, KVTierError, LayoutError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class DaemonLink:
+    def __init__(self, settings: ConnectorSettings, layouts: Sequence[KVLayout], client_id: str) -> None:
+        self.settings = settings
+        self.layouts = list(layouts)
+        self.client_id = client_id
+        self._lock = threading.Lock()
+        self._client: DaemonClient | None = None
+        self._registered = False
+        self._down_until = 0.0
+        self.failures = 0
+
+    def _connect(self) -> DaemonClient:
+        if self._client is None:
+            path = ensure_daemon(self.settings.socket_path, self.settings.daemon_args, self.settings.daemon_start_timeout_s)
+            self._client = DaemonClient(path, timeout_s=self.settings.timeout_s, client_id=self.client_id)
+        if not self._registered:
+            for layout in self.layouts:
+                self._client.register_layout(layout)
+            self._registered = True
+        return self._client
+
+    def call(self, operation: Callable[[DaemonClient], T]) -> T | None:
+        """Run ``operation`` against the daemon; None if it is unavailable (then skipped for a while)."""
+        if time.monotonic() < self._down_until:
+            return None
+        try:
+            with self._lock:
+                client = self._connect()
+            try:
+                return operation(client)
+            except LayoutError:
+                # The daemon restarted and forgot our layouts: register again, once.
+                with self._lock:
+                    self._registered = False
+                    client = self._connect()
+                return operation(client)
+        except (DaemonError, LayoutError, KVTierError) as exc:
+            self.failures += 1
+            with self._lock:
+                self._registered = False
+            self._down_until = time.monotonic() + self.settings.retry_after_s
+            log.warning("kvtier daemon call failed (%s); treating kvtier as a miss for %.0fs", exc, self.settings.retry_after_s)
+            return None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                try:
+                    self._client.disconnect()
+                except KVTierError:
+                    pass
+                self._client.close()
+                self._client = None

@@ -1,0 +1,45 @@
+"""The connector's settings, read once from ``kv_connector_extra_config``.
+
+Example::
+
+    --kv-transfer-config '{"kv_connector": "KVTierConnector",
+                           "kv_connector_module_path": "connectors.vllm",
+                           "kv_role": "kv_both",
+                           "kv_load_failure_policy": "recompute",
+                           "kv_connector_extra_config": {"socket_path": "/run/kvtier/kvtier.sock"}}'
+
+With no ``socket_path`` the connector starts (or reuses) a local daemon on the default socket,
+configured from ``daemon_args`` and the usual ``KVTIER_*`` environment variables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvtier.errors import ConfigError
+
+
+class ConnectorSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    socket_path: Path | None = None  # a running daemon's socket; None = start or reuse a local one
+    daemon_args: list[str] = Field(default_factory=list)  # extra `kvtier serve` flags for a daemon we start
+    daemon_start_timeout_s: float = Field(default=60.0, gt=0)
+    model_id: str | None = None  # name in the layout (default: vLLM's model); set it when paths differ per node
+    timeout_s: float = Field(default=2.0, gt=0)  # deadline of each daemon call
+    retry_after_s: float = Field(default=5.0, ge=0)  # after a failed call, skip the daemon this long
+    save_generated: bool = True  # also save blocks of generated tokens (multi-turn reuse)
+    async_load_timeout_s: float = Field(default=30.0, gt=0)  # a deeper-tier load not done by then fails
+    max_save_queue: int = Field(default=1024, ge=1)  # pending save jobs beyond this are skipped
+
+
+def settings_from(extra_config: Mapping[str, Any] | None) -> ConnectorSettings:
+    try:
+        return ConnectorSettings.model_validate(dict(extra_config or {}))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid kv_connector_extra_config for KVTierConnector: {problems}") from None
