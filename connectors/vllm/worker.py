@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
@@ -72,6 +73,7 @@ class WorkerSide:
         self._saver = threading.Thread(target=self._save_loop, name="kvtier-saver", daemon=True)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-loader")
         self.stats: Counter[str] = Counter()
+        self._closed = False
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -88,6 +90,7 @@ class WorkerSide:
         self.copier = make_page_copier(device)
         self.enabled = True
         self._saver.start()
+        atexit.register(self.shutdown)  # an engine that exits without shutdown() still flushes its saves
         log.info("KVTierConnector worker ready: layout %s, %d-byte blocks, copies via %s",
                  self.layout.layout_id, self.layout.block_nbytes, type(self.copier).__name__)
 
@@ -252,6 +255,10 @@ class WorkerSide:
         return KVTierWorkerMetadata(committed)
 
     def shutdown(self) -> None:
+        """Finish queued saves (up to 30 s), then let go of the daemon. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         if self._saver.is_alive():
             self._save_queue.put(None)
             self._saver.join(timeout=30)

