@@ -11,13 +11,13 @@ from typing import Any
 __all__ = ["make_tiny_model", "tiny_model_path"]
 
 
-def make_tiny_model(*args: Any, **kwargs: Any):  # noqa: ANN201 - thin lazy wrapper
+def make_tiny_model(*args: Any, **kwargs: Any):
     from kvtier.testing.tiny_model import make_tiny_model as _make
 
     return _make(*args, **kwargs)
 
 
-def tiny_model_path(**kwargs: Any):  # noqa: ANN201 - thin lazy wrapper
+def tiny_model_path(**kwargs: Any):
     from kvtier.testing.tiny_model import tiny_model_path as _path
 
     return _path(**kwargs)

