@@ -112,6 +112,7 @@ class ChainConfig(_Section):
     eviction: Literal["lru", "s3fifo"] = "lru"
     lease_ttl_s: float = Field(default=30.0, gt=0)  # leases not released by then expire
     demotion_threads: int = Field(default=2, ge=1, le=64)
+    promotion_threads: int = Field(default=8, ge=1, le=256)  # concurrent reads when prefetching from disk/S3
     demotion_queue_limit: int = Field(default=65536, ge=1)  # pending demotions beyond this are dropped
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 
+from connectors.vllm import step_timer
 from connectors.vllm.metadata import KVTierConnectorMetadata
 from connectors.vllm.settings import settings_from
 
@@ -27,9 +28,14 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger(__name__)
+timed = step_timer.timed
 
 
 class KVTierConnector(KVConnectorBase_V1):
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a cache: a save lost to a preemption is a future miss, not a lost hand-off
+
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         settings = settings_from(self._kv_transfer_config.kv_connector_extra_config)
@@ -52,24 +58,31 @@ class KVTierConnector(KVConnectorBase_V1):
 
     # ---- scheduler side ----------------------------------------------------------------------
 
+    @timed
     def on_new_request(self, request: Request) -> None:
         self._scheduler.on_new_request(request)
 
+    @timed
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
+    @timed
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
+    @timed
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVTierConnectorMetadata:
         return self._scheduler.build_connector_meta(scheduler_output)
 
+    @timed
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         self._scheduler.update_connector_output(connector_output)
 
+    @timed
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self._scheduler.request_finished(request, block_ids)
 
+    @timed
     def take_events(self) -> list[Any]:
         return self._scheduler.take_events()
 
@@ -78,9 +91,11 @@ class KVTierConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker.register_kv_caches(kv_caches)
 
+    @timed
     def handle_preemptions(self, kv_connector_metadata: KVTierConnectorMetadata) -> None:
         self._worker.handle_preemptions(kv_connector_metadata)
 
+    @timed
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         self._worker.start_load_kv(self._get_connector_metadata())
 
@@ -90,15 +105,19 @@ class KVTierConnector(KVConnectorBase_V1):
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
         return  # whole blocks are saved after the step, in wait_for_save
 
+    @timed
     def wait_for_save(self) -> None:
         self._worker.wait_for_save(self._get_connector_metadata())
 
+    @timed
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return self._worker.get_finished(finished_req_ids)
 
+    @timed
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors()
 
+    @timed
     def build_connector_worker_meta(self):  # noqa: ANN201 - vLLM's KVConnectorWorkerMetadata
         return self._worker.build_worker_meta()
 

@@ -1,8 +1,10 @@
 """The scheduler half of KVTierConnector: what to load and what to save, decided per step.
 
 It runs on vLLM's scheduler loop, so it does as little as possible there: one batched Lookup
-per new request (through a link that answers "miss" at once while the daemon is unreachable),
-and bookkeeping. All bytes move in the workers.
+per new request, started on a background thread when the request arrives (the scheduler is told
+"ask again" while it runs, and gets a miss if it takes longer than ``timeout_s``; the link
+answers "miss" at once while the daemon is unreachable), and bookkeeping. All bytes move in the
+workers.
 
 Per request it keeps the kvtier block hashes of its tokens (extended as tokens are generated),
 its engine block ids, which blocks it loaded, and how far saving has got. A block is saved once
@@ -13,6 +15,8 @@ blocks are still being saved is freed only after the workers report it (``delay_
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +41,8 @@ log = logging.getLogger(__name__)
 class _RequestState:
     request: Request
     hasher: PrefixHasher
+    pending_lookup: Future[list[str] | None] | None = None  # started at arrival, off the step
+    lookup_started: float = 0.0
     block_ids: list[int] = field(default_factory=list)
     lookup: tuple[int, int, bool] | None = None  # (first block, blocks found, any below host)
     loaded: range = range(0)
@@ -59,6 +65,7 @@ class SchedulerSide:
         tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.layouts = [layout_for_rank(vllm_config, kv_cache_config, rank, settings.model_id) for rank in range(tp_size)]
         self.link = DaemonLink(settings, self.layouts, client_id="vllm-scheduler")
+        self._lookups = ThreadPoolExecutor(2, thread_name_prefix="kvtier-lookup")
         self.requests: dict[str, _RequestState] = {}
         self.pending_loads: list[LoadSpec] = []
         self.unannounced: dict[bytes, _PendingEvent] = {}
@@ -75,7 +82,15 @@ class SchedulerSide:
         return state
 
     def on_new_request(self, request: Request) -> None:
-        self._state(request)
+        self._start_lookup(self._state(request))
+
+    def _start_lookup(self, state: _RequestState) -> None:
+        """Look the prompt up on a background thread, so the scheduler step never waits for it."""
+        tokens = state.request.all_token_ids
+        hashes = state.hasher.update(tokens)
+        loadable = hashes[: (len(tokens) - 1) // self.block_size]  # the last token is always computed
+        state.lookup_started = time.monotonic()
+        state.pending_lookup = self._lookups.submit(self._lookup, list(loadable)) if loadable else None
 
     def _lookup(self, hashes: list[bytes]) -> list[str] | None:
         def lookup_every_rank(client) -> list[str]:
@@ -87,33 +102,43 @@ class SchedulerSide:
 
         return self.link.call(lookup_every_rank)
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Answer from the lookup started at arrival; None ("ask again next step") while it runs."""
         state = self._state(request)
-        tokens = request.all_token_ids
-        hashes = state.hasher.update(tokens)
-        max_blocks = (len(tokens) - 1) // self.block_size  # the last token is always computed
-        start = num_computed_tokens // self.block_size
         state.lookup = None
-        if start >= max_blocks:
-            return 0, False
+        if state.pending_lookup is None:
+            if state.lookup_started:
+                return 0, False  # nothing loadable (a prompt shorter than two blocks)
+            self._start_lookup(state)  # e.g. a request resumed after preemption
+            if state.pending_lookup is None:
+                return 0, False
+        if not state.pending_lookup.done():
+            if time.monotonic() - state.lookup_started < self.settings.timeout_s:
+                return None, False
+            self.stats["lookup_unavailable"] += 1
+            return 0, False  # too slow: compute rather than wait
+        tiers = state.pending_lookup.result()
         self.stats["lookups"] += 1
-        tiers = self._lookup(hashes[start:max_blocks])
+        start = num_computed_tokens // self.block_size
         if tiers is None:
             self.stats["lookup_unavailable"] += 1
             return 0, False
-        if not tiers:
+        if len(tiers) <= start:
             return 0, False
-        is_async = any(tier != "host" for tier in tiers)
-        state.lookup = (start, len(tiers), is_async)
-        self.stats["lookup_hit_tokens"] += len(tiers) * self.block_size
-        return len(tiers) * self.block_size, is_async
+        is_async = any(tier != "host" for tier in tiers[start:])
+        state.lookup = (start, len(tiers) - start, is_async)
+        self.stats["lookup_hit_tokens"] += (len(tiers) - start) * self.block_size
+        return (len(tiers) - start) * self.block_size, is_async
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         state = self._state(request)
-        if num_external_tokens <= 0 or state.lookup is None:
+        lookup, state.lookup = state.lookup, None
+        if num_external_tokens <= 0 or lookup is None:
+            if num_external_tokens <= 0:
+                state.pending_lookup, state.lookup_started = None, 0.0  # a resumed request looks up afresh
             return
-        start, found, is_async = state.lookup
-        state.lookup = None
+        start, found, is_async = lookup
+        state.pending_lookup, state.lookup_started = None, 0.0
         count = min(found, num_external_tokens // self.block_size)
         block_ids = blocks.get_block_ids()[0]
         hashes = state.hasher.hashes
@@ -210,6 +235,7 @@ class SchedulerSide:
         return events
 
     def shutdown(self) -> None:
+        self._lookups.shutdown(wait=False, cancel_futures=True)
         self.link.close()
 
 

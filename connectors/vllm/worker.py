@@ -1,9 +1,9 @@
 """The worker half of KVTierConnector: bytes between vLLM's paged KV cache and the daemon's arena.
 
 - Loads in host memory at lookup time run before the step's forward: acquire a lease, check
-  each slot's checksum, copy the slots into the engine's blocks, release. Loads from deeper
-  tiers run on a loader thread (the daemon promotes them first) while the request waits; they
-  are reported through ``get_finished``. Any block that cannot be loaded or fails its checksum
+  each slot's checksum, copy the slots into the engine's blocks, release. For loads from deeper
+  tiers a loader thread asks the daemon to promote the blocks while the request waits; the copy
+  then happens in the next step's ``start_load_kv`` and is reported through ``get_finished``. Any block that cannot be loaded or fails its checksum
   is reported by ``get_block_ids_with_load_errors`` and vLLM recomputes it: a load never puts
   unchecked bytes into the engine.
 - Saves never run on the step: ``wait_for_save`` queues them for a saver thread (reserve slots,
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _PREEMPTION_WAIT_S = 60.0
+_SAVE_BATCH = 64  # save specs merged into one reserve/copy/commit round
 
 
 def _tensor_parallel_rank() -> int:
@@ -67,6 +68,7 @@ class WorkerSide:
         self._save_reqs: set[str] = set()
         self._finished_waiting: set[str] = set()
         self._recving_done: set[str] = set()
+        self._promoted: list[LoadSpec] = []
         self._failed_block_ids: set[int] = set()
         self._committed: set[bytes] = set()
         self._save_queue: queue.Queue[tuple[SaveSpec, Any] | None] = queue.Queue()
@@ -110,22 +112,35 @@ class WorkerSide:
         for spec in meta.loads:
             if not self.enabled:
                 self._fail(spec, spec.block_ids)
+                if spec.is_async:
+                    self._mark_received(spec)
             elif spec.is_async:
-                self._loader.submit(self._load_async, spec)
+                self._loader.submit(self._promote, spec)
             else:
                 self._load(spec)
+        # Deeper-tier loads whose blocks the daemon has promoted: copy them now, on this thread.
+        # (A loader thread would fight the engine loop for the GIL and take far longer.)
+        with self._lock:
+            ready, self._promoted = self._promoted, []
+        for spec in ready:
+            try:
+                self._load(spec)
+            finally:
+                self._mark_received(spec)
 
-    def _load_async(self, spec: LoadSpec) -> None:
+    def _promote(self, spec: LoadSpec) -> None:
+        """Loader thread: wait for the daemon to bring the blocks into host memory (disk, S3)."""
         try:
             wait_s = self.settings.async_load_timeout_s
             self.link.call(lambda c: c.prefetch(self.layout.layout_id, list(spec.block_hashes), wait_s=wait_s))
-            self._load(spec)
-        except Exception:  # never leave a request waiting forever
-            log.exception("asynchronous load of %s failed", spec.req_id)
-            self._fail(spec, spec.block_ids)
-        finally:
-            with self._lock:
-                self._recving_done.add(spec.req_id)
+        except Exception:  # the copy step will find what is missing and report it
+            log.exception("promoting blocks of %s failed", spec.req_id)
+        with self._lock:
+            self._promoted.append(spec)
+
+    def _mark_received(self, spec: LoadSpec) -> None:
+        with self._lock:
+            self._recving_done.add(spec.req_id)
 
     def _load(self, spec: LoadSpec) -> None:
         """Copy the leading blocks of ``spec`` the daemon holds (verified); report the rest as failed."""
@@ -146,7 +161,7 @@ class WorkerSide:
                     self.copier.scatter(self.paged, list(spec.block_ids[:good]), host, offsets).wait()
                 return good
             finally:
-                client.release(grant.lease_id)
+                self._loader.submit(self.link.call, lambda c: c.release(grant.lease_id))  # off the step
 
         loaded = self.link.call(copy_in) or 0
         self.stats["loaded_blocks"] += loaded
@@ -179,33 +194,47 @@ class WorkerSide:
 
     def _save_loop(self) -> None:
         while True:
-            item = self._save_queue.get()
-            if item is None:
-                return
-            spec, compute_done = item
+            batch = [self._save_queue.get()]
+            while len(batch) < _SAVE_BATCH:  # everything queued meanwhile: one reserve and one commit
+                try:
+                    batch.append(self._save_queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in batch
+            items = [item for item in batch if item is not None]
             try:
-                self._save(spec, compute_done)
+                if items:
+                    self._save([spec for spec, _ in items], [done for _, done in items if done is not None])
             except Exception:  # a failed save is a future miss, never a failed request
-                log.exception("saving blocks of %s failed", spec.req_id)
+                log.exception("saving %d block batches failed", len(items))
                 self.stats["save_failed"] += 1
             finally:
                 with self._lock:
-                    self._pending_saves[spec.req_id] -= 1
-                    if self._pending_saves[spec.req_id] <= 0:
-                        del self._pending_saves[spec.req_id]
+                    for spec, _ in items:
+                        self._pending_saves[spec.req_id] -= 1
+                        if self._pending_saves[spec.req_id] <= 0:
+                            del self._pending_saves[spec.req_id]
                     self._lock.notify_all()
+            if stop:
+                return
 
-    def _save(self, spec: SaveSpec, compute_done: Any) -> None:
+    def _save(self, specs: list[SaveSpec], compute_done: list[Any]) -> None:
+        unique: dict[bytes, int] = {}  # requests sharing a prefix save its blocks once
+        for spec in specs:
+            for block_id, block_hash in zip(spec.block_ids, spec.block_hashes):
+                unique.setdefault(block_hash, block_id)
+        hashes, block_ids = list(unique), list(unique.values())
+
         def copy_out(client: DaemonClient) -> list[bytes]:
-            reservations = client.reserve(self.layout.layout_id, list(spec.block_hashes), self.paged.slot_nbytes)
-            wanted = [(block_id, r) for block_id, r in zip(spec.block_ids, reservations) if r.status is ReserveStatus.RESERVED]
+            reservations = client.reserve(self.layout.layout_id, hashes, self.paged.slot_nbytes)
+            wanted = [(block_id, r) for block_id, r in zip(block_ids, reservations) if r.status is ReserveStatus.RESERVED]
             self.stats["save_present_blocks"] += sum(r.status is ReserveStatus.ALREADY_PRESENT for r in reservations)
             self.stats["save_no_space_blocks"] += sum(r.status is ReserveStatus.NO_SPACE for r in reservations)
             if not wanted:
                 return []
             try:
-                if compute_done is not None:
-                    compute_done.synchronize()
+                for event in compute_done:  # the forward that wrote these blocks has finished
+                    event.synchronize()
                 host = self._arena(client)
                 self.copier.gather(self.paged, [b for b, _ in wanted], host, [r.offset for _, r in wanted]).wait()
             except BaseException:
@@ -216,7 +245,7 @@ class WorkerSide:
 
         committed = self.link.call(copy_out)
         if committed is None:
-            self.stats["save_unavailable_blocks"] += len(spec.block_ids)
+            self.stats["save_unavailable_blocks"] += len(block_ids)
             return
         self.stats["saved_blocks"] += len(committed)
         with self._lock:

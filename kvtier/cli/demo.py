@@ -1,170 +1,78 @@
-"""``kvtier demo``: the tier chain on a shared-prefix workload, with no GPU, Redis or S3.
+"""``kvtier demo``: the main job on one machine with no GPU, Redis or S3.
 
-Requests are long shared documents followed by short questions (RAG / multi-turn shape). Each
-request's prompt is hashed into block keys; the chain is asked for the longest cached prefix;
-cached blocks are read back and checked byte for byte against what a recompute would produce;
-missing blocks are "computed" (deterministic bytes standing in for KV) and stored. Host memory
-is deliberately smaller than the working set, so blocks are demoted to disk, evicted from host
-memory and promoted back. The demo then restarts the chain (disk blocks survive) and corrupts a
-block on disk (detected, never served).
+A local daemon (host arena + disk tier), a vLLM engine (CPU backend) on a small model generated
+on the spot, and a shared-prefix workload: long documents, each asked several questions. Every
+prompt runs on an engine with KVTierConnector and on one without, alternating, and the demo
+prints their time to first token side by side, checks the outputs are identical, restarts the
+daemon halfway (the disk tier brings the prefixes back), and ends with ``kvtier stats``.
+
+vLLM's own prefix cache is off in both engines, so a repeated prefix can only come from kvtier:
+the situation kvtier is for (the GPU cache evicted the prefix, or another replica computed it).
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 import shutil
-import time
-from dataclasses import dataclass, field
+import statistics
 from pathlib import Path
 
-from kvtier.blocks import BlockKey, KVLayout, hash_prompt, keys_for
-from kvtier.chain import TierChain
 from kvtier.cli.format import render_chain_stats, render_table
-from kvtier.config import ChainConfig, DiskTierConfig, HostTierConfig
-from kvtier.tiers.disk import DiskTier
-from kvtier.tiers.host import HostTier
-from kvtier.units import format_size, parse_size
-
-LAYOUT = KVLayout(model="demo/llama-like-1b", dtype="bfloat16", num_layers=8, num_kv_heads=4, head_size=64, block_size=16)
-
-
-def simulated_kv(key: BlockKey, nbytes: int) -> bytes:
-    """The bytes a recompute of this block would produce (deterministic per key)."""
-    return random.Random(key.block_hash).randbytes(nbytes)
-
-
-@dataclass
-class PhaseResult:
-    name: str
-    requests: int = 0
-    prompt_tokens: int = 0
-    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
-    recomputed_tokens: int = 0
-    wrong_blocks: int = 0
-    seconds: float = 0.0
-
-    @property
-    def cached_tokens(self) -> int:
-        return sum(self.cached_tokens_by_tier.values())
-
-
-def make_workload(documents: int, questions: int, doc_tokens: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    system = [rng.randrange(32000) for _ in range(64)]
-    docs = [system + [rng.randrange(32000) for _ in range(doc_tokens)] for _ in range(documents)]
-    prompts = []
-    for round_ in range(questions):
-        for doc in docs:
-            prompts.append(doc + [rng.randrange(32000) for _ in range(48 + round_)])
-    return prompts
-
-
-def serve(chain: TierChain, prompts: list[list[int]], name: str) -> PhaseResult:
-    result = PhaseResult(name)
-    start = time.perf_counter()
-    for tokens in prompts:
-        keys = keys_for(LAYOUT.layout_id, hash_prompt(tokens, LAYOUT.block_size))
-        result.requests += 1
-        result.prompt_tokens += len(tokens)
-        cached = 0
-        for key, tier_name in zip(keys, chain.lookup(keys)):
-            data = chain.get(key)
-            if data is None:
-                break  # e.g. corrupt on disk: a miss, recomputed below
-            if data != simulated_kv(key, LAYOUT.block_nbytes):
-                result.wrong_blocks += 1
-                break
-            result.cached_tokens_by_tier[tier_name] = result.cached_tokens_by_tier.get(tier_name, 0) + LAYOUT.block_size
-            cached += 1
-        for key in keys[cached:]:
-            chain.put(key, simulated_kv(key, LAYOUT.block_nbytes))
-        result.recomputed_tokens += len(tokens) - cached * LAYOUT.block_size
-    result.seconds = time.perf_counter() - start
-    return result
-
-
-def open_chain(root: Path, host_capacity: int, disk_capacity: int, eviction: str) -> TierChain:
-    host = HostTier(HostTierConfig(capacity=host_capacity, slab_size=min(host_capacity, 4 << 20)))
-    disk = DiskTier(DiskTierConfig(path=root / "disk", capacity=disk_capacity))
-    return TierChain([host, disk], ChainConfig(eviction=eviction))
-
-
-def corrupt_one_block(root: Path) -> Path | None:
-    files = sorted((root / "disk").rglob("*.kvb"))
-    if not files:
-        return None
-    with open(files[0], "r+b") as handle:
-        handle.seek(4096 + 1000)
-        byte = handle.read(1)
-        handle.seek(4096 + 1000)
-        handle.write(bytes([byte[0] ^ 0xFF]))
-    return files[0]
-
-
-def render_phases(phases: list[PhaseResult]) -> str:
-    rows = []
-    for phase in phases:
-        by_tier = ", ".join(f"{tier} {tokens}" for tier, tokens in sorted(phase.cached_tokens_by_tier.items())) or "-"
-        rows.append([
-            phase.name,
-            str(phase.requests),
-            str(phase.prompt_tokens),
-            f"{phase.cached_tokens} ({phase.cached_tokens / max(phase.prompt_tokens, 1):.0%})",
-            by_tier,
-            str(phase.recomputed_tokens),
-            str(phase.wrong_blocks),
-            f"{phase.seconds:.2f}",
-        ])
-    return render_table(["phase", "requests", "prompt tokens", "from cache", "by tier", "recomputed", "wrong", "s"], rows)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    root = Path(args.dir)
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        print("kvtier demo needs vLLM: run `bash scripts/install_vllm.sh` (CPU build), or try `kvtier demo-chain`")
+        return 2
+    from kvtier.testing.daemon import LocalDaemon
+    from kvtier.testing.engine import EngineSession
+    from kvtier.testing.tiny_model import tiny_model_path
+    from kvtier.testing.workload import NO_PREFIX_CACHE, kvtier_connector_config, make_workload, paired
+
+    root = Path(args.dir).absolute()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    host_capacity, disk_capacity = parse_size(args.host_capacity), parse_size(args.disk_capacity)
-    prompts = make_workload(args.documents, args.questions, args.doc_tokens, seed=7)
-    print(f"layout {LAYOUT.layout_id}: {LAYOUT.model}, {LAYOUT.num_layers} layers, block of {LAYOUT.block_size} tokens "
-          f"= {format_size(LAYOUT.block_nbytes)}")
-    print(f"host tier {format_size(host_capacity)} (shared-memory arena), disk tier {format_size(disk_capacity)} in {root / 'disk'}, "
-          f"eviction {args.eviction}, write-back\n")
-
-    phases = []
-    chain = open_chain(root, host_capacity, disk_capacity, args.eviction)
-    first, rest = prompts[: args.documents], prompts[args.documents :]
-    phases.append(serve(chain, first, "cold: first question per document"))
-    phases.append(serve(chain, rest, "warm: follow-up questions"))
-    chain.flush(60)
-    print(render_chain_stats(chain.stats()) + "\n")
-    chain.close()
-
-    chain = open_chain(root, host_capacity, disk_capacity, args.eviction)
-    phases.append(serve(chain, prompts[: args.documents], "after restart (disk survives)"))
-    chain.flush(60)
-    chain.close()
-
-    damaged = corrupt_one_block(root)
-    chain = open_chain(root, host_capacity, disk_capacity, args.eviction)
-    phases.append(serve(chain, prompts[: args.documents], "after corrupting a disk block"))
-    chain.flush(60)
-    print(render_phases(phases) + "\n")
-    if damaged is not None:
-        print(f"flipped one byte in {damaged.name}: detected by its checksum, deleted and recomputed\n")
-    print(render_chain_stats(chain.stats()))
-    chain.close()
-    wrong = sum(p.wrong_blocks for p in phases)
-    print(f"\nwrong blocks served: {wrong}")
-    return 1 if wrong else 0
+    print("making the demo model (a 4-layer Llama with random weights, cached after the first run)...", flush=True)
+    model = tiny_model_path()
+    workload = make_workload(args.documents, args.doc_tokens, 4, seed=11)
+    blocks_per_doc = args.doc_tokens // 32
+    daemon = LocalDaemon(root / "daemon", host_capacity="1GiB", disk_capacity="4GiB")
+    daemon.start()
+    print(f"kvtier daemon on {daemon.socket_path}; starting two vLLM engines (CPU backend)...", flush=True)
+    rows, identical = [], True
+    try:
+        with EngineSession(model, log_path=root / "engine-plain.log", llm_kwargs=NO_PREFIX_CACHE) as plain, \
+             EngineSession(model, log_path=root / "engine-kvtier.log", llm_kwargs=NO_PREFIX_CACHE,
+                           kv_transfer_config=kvtier_connector_config(daemon.socket_path, retry_after_s=0.2)) as cached:
+            phases = [("first question per document (cold)", 0, None),
+                      ("second question (prefix from host memory)", 1, None),
+                      ("third question, daemon restarted (prefix from disk)", 2, "restart")]
+            for name, question, action in phases:
+                if action == "restart":
+                    daemon.restart()
+                measured = paired(cached, plain, workload[question])
+                identical &= measured["tokens"] == measured["base_tokens"]
+                if question == 0:
+                    daemon.wait_for_saves(args.documents * blocks_per_doc)
+                without, with_ = statistics.median(measured["base_ms"]), statistics.median(measured["ms"])
+                rows.append([name, f"{without:.0f} ms", f"{with_:.0f} ms", f"{without / with_:.1f}x",
+                             str(sum(measured["cached"]) // len(measured["cached"]))])
+        print()
+        print(render_table(["requests", "TTFT without kvtier", "with kvtier", "speedup", "tokens from kvtier"], rows))
+        print(f"\noutputs identical with and without kvtier: {'yes' if identical else 'NO'}\n")
+        print("$ kvtier stats")
+        with daemon.client() as client:
+            print(render_chain_stats(client.stats().chain))
+    finally:
+        daemon.stop()
+    return 0 if identical else 1
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="run the tier chain on a shared-prefix workload (no GPU, Redis or S3)")
+    parser = subparsers.add_parser("demo", help="daemon + vLLM engine on a generated model: TTFT with and without kvtier")
     parser.add_argument("--dir", default=".kvtier-demo", help="working folder (deleted and recreated)")
-    parser.add_argument("--host-capacity", default="16MiB")
-    parser.add_argument("--disk-capacity", default="1GiB")
-    parser.add_argument("--documents", type=int, default=8)
-    parser.add_argument("--questions", type=int, default=4)
-    parser.add_argument("--doc-tokens", type=int, default=1024)
-    parser.add_argument("--eviction", choices=["lru", "s3fifo"], default="lru")
+    parser.add_argument("--documents", type=int, default=4)
+    parser.add_argument("--doc-tokens", type=int, default=2048)
     parser.set_defaults(handler=run_demo)

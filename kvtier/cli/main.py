@@ -7,7 +7,7 @@ import logging
 import sys
 
 from kvtier import __version__
-from kvtier.cli import demo, serve, stats
+from kvtier.cli import chain_demo, demo, serve, stats
 from kvtier.errors import KVTierError
 
 
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     subparsers = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(subparsers)
+    chain_demo.add_parser(subparsers)
     serve.add_parser(subparsers)
     stats.add_parser(subparsers)
     return parser

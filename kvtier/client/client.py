@@ -13,7 +13,6 @@ checksum the daemon recorded at commit, so bytes that changed in the arena are n
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -50,6 +49,11 @@ _ERROR_OF: dict[grpc.StatusCode, type[DaemonError] | type] = {
 }
 
 _RESERVE_STATUS = {pb.RESERVED: ReserveStatus.RESERVED, pb.ALREADY_PRESENT: ReserveStatus.ALREADY_PRESENT, pb.NO_SPACE: ReserveStatus.NO_SPACE}
+
+
+# Reconnect quickly to a restarted daemon (gRPC's default first back-off is a second or more).
+_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 def _translate(exc: grpc.RpcError, method: str) -> Exception:
@@ -90,9 +94,9 @@ class DaemonClient:
         if tls_root_certificates is not None or tls_client_cert is not None:
             key, cert = tls_client_cert or (None, None)
             credentials = grpc.ssl_channel_credentials(tls_root_certificates, key, cert)
-            self._channel = grpc.secure_channel(self.target, credentials)
+            self._channel = grpc.secure_channel(self.target, credentials, options=_CHANNEL_OPTIONS)
         else:
-            self._channel = grpc.insecure_channel(self.target)
+            self._channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.KVTierDaemonStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._arena: SharedArena | None = None
@@ -179,7 +183,6 @@ class DaemonClient:
             if self._arena_path is None:
                 raise LayoutError("register a layout before using the arena")
             self._arena = SharedArena.attach(self._arena_path)
-            threading.Thread(target=self._arena.prefault, name="kvtier-arena-prefault", daemon=True).start()
         return self._arena
 
     def write_blocks(self, layout_id: str, blocks: Mapping[bytes, bytes]) -> dict[bytes, ReserveStatus]:

@@ -102,5 +102,17 @@ class LocalDaemon:
             while client.stats().chain.pending_demotions and time.monotonic() < deadline:
                 time.sleep(0.05)
 
+    def wait_for_saves(self, min_host_blocks: int, timeout: float = 60) -> bool:
+        """Wait until host memory holds ``min_host_blocks`` and nothing waits for demotion (an
+        engine's saves are asynchronous). False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self.client() as client:
+            while time.monotonic() < deadline:
+                stats = client.stats().chain
+                if stats.tiers[0].blocks >= min_host_blocks and stats.pending_demotions == 0:
+                    return True
+                time.sleep(0.1)
+        return False
+
     def client(self, **kwargs) -> DaemonClient:
         return DaemonClient(self.socket_path, **kwargs)

@@ -67,7 +67,6 @@ class HostTier(Tier):
         super().__init__(name, self._allocator.capacity_bytes)
         filename = settings.name or f"kvtier-{os.getpid()}-{next(_instance_counter)}-arena"
         self.arena = SharedArena.create(settings.shm_dir / filename, self._allocator.capacity_bytes)
-        threading.Thread(target=self.arena.prefault, name="kvtier-arena-prefault", daemon=True).start()
         self._lock = threading.Lock()
         self._committed: dict[BlockKey, Slot] = {}
         self._reserved: dict[int, tuple[BlockKey, Slot]] = {}

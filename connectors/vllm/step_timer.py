@@ -1,0 +1,46 @@
+"""Time spent inside the connector's hooks on vLLM's step loop (what the connector adds to a step).
+
+Always on (two ``perf_counter`` calls per hook). With ``KVTIER_CONNECTOR_PROFILE=PATH`` set,
+each process writes ``PATH.<pid>.json`` at exit: ``{hook: [calls, seconds]}``, which
+``benchmarks/ttft.py`` compares with the engine's step time.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+TIMES: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+
+
+def timed(method: F) -> F:
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            entry = TIMES[name]
+            entry[0] += 1
+            entry[1] += time.perf_counter() - start
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _dump() -> None:
+    path = os.environ.get("KVTIER_CONNECTOR_PROFILE")
+    if path and TIMES:
+        with open(f"{path}.{os.getpid()}.json", "w") as out:
+            json.dump(dict(TIMES), out)
+
+
+atexit.register(_dump)
