@@ -249,3 +249,15 @@ def write_results(name: str, rows: Iterable[Row | dict[str, Any]], directory: Pa
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def run_benchmark(name: str, description: str, run: Callable[[argparse.Namespace], list[Row]]) -> int:
+    """The main() of a benchmark: parse flags, run, print the table and targets, write results."""
+    args = make_parser(description).parse_args()
+    rows = run(args)
+    print_table(rows)
+    summarize_targets(rows)
+    if not args.no_write:
+        print(f"wrote {write_results(name, rows)}")
+    print(f"command: {command_line()}")
+    return 0

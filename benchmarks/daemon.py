@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import Row, command_line, compare, gbps, make_parser, print_table, repeats, summarize_targets, write_results
+from benchmarks.common import Row, compare, gbps, repeats, run_benchmark
 from kvtier.blocks import KVLayout, hash_prompt, keys_for, payload_checksum
 from kvtier.chain import TierChain
 from kvtier.client import DaemonClient
 from kvtier.config import ChainConfig, HostTierConfig
+from kvtier.testing.daemon import LocalDaemon
 from kvtier.tiers.host import HostTier
 
 HOST_CAPACITY = "1GiB"
@@ -37,23 +36,6 @@ def layout_for(block_nbytes: int) -> KVLayout:
     # 2 layers x 2 heads x 16 tokens x (64+64) x 2 bytes = 16 KiB per layer page; scale heads.
     heads = block_nbytes // (2 * 16 * 128 * 2)
     return KVLayout(model="bench/daemon", dtype="bfloat16", num_layers=2, num_kv_heads=heads, head_size=64, block_size=16)
-
-
-def start_daemon(root: Path) -> tuple[subprocess.Popen, Path]:
-    socket_path = root / "kvtier.sock"
-    env = dict(os.environ, KVTIER_HOST_SHM_DIR="/dev/shm", KVTIER_HOST_SLAB_SIZE="64MiB")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvtier", "serve", "--socket", str(socket_path), "--host-capacity", HOST_CAPACITY,
-         "--no-disk", "--no-metrics"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    with DaemonClient(socket_path, timeout_s=1) as probe:
-        deadline = time.monotonic() + 30
-        while not (socket_path.exists() and probe.health()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the daemon did not start")
-            time.sleep(0.05)
-    return proc, socket_path
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -79,7 +61,10 @@ def latency_rows(name: str, daemon_call, direct_call, iterations: int, extra: di
 def run(args) -> list[Row]:
     rows: list[Row] = []
     root = Path(tempfile.mkdtemp(prefix="kvb-", dir="/tmp"))
-    proc, socket_path = start_daemon(root)
+    daemon = LocalDaemon(root, host_capacity=HOST_CAPACITY, args=["--no-disk", "--no-metrics"],
+                         env={"KVTIER_HOST_SHM_DIR": "/dev/shm", "KVTIER_HOST_SLAB_SIZE": "64MiB"})
+    daemon.start()
+    socket_path = daemon.socket_path
     host = HostTier(HostTierConfig(capacity=HOST_CAPACITY, slab_size="64MiB"))
     chain = TierChain([host], ChainConfig())
     client = DaemonClient(socket_path, timeout_s=30)
@@ -183,21 +168,13 @@ def run(args) -> list[Row]:
     finally:
         client.close()
         chain.close()
-        proc.terminate()
-        proc.wait(30)
+        daemon.stop()
         shutil.rmtree(root, ignore_errors=True)
     return rows
 
 
 def main() -> int:
-    args = make_parser(__doc__.splitlines()[0]).parse_args()
-    rows = run(args)
-    print_table(rows)
-    summarize_targets(rows)
-    if not args.no_write:
-        print(f"wrote {write_results('daemon', rows)}")
-    print(f"command: {command_line()}")
-    return 0
+    return run_benchmark("daemon", __doc__.splitlines()[0], run)
 
 
 if __name__ == "__main__":

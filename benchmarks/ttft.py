@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import Row, command_line, make_parser, print_table, summarize_targets, write_results
+from benchmarks.common import Row, run_benchmark
 from kvtier.testing.daemon import LocalDaemon
 from kvtier.testing.engine import EngineSession
 from kvtier.testing.workload import NO_PREFIX_CACHE, make_workload, paired
@@ -170,18 +170,19 @@ def overhead_rows(with_kvtier: list[float], without: list[float], profile: Path,
     ]
 
 
-def main() -> int:
-    args = make_parser(__doc__.splitlines()[0]).parse_args()
-    rows = run(args)
-    print_table(rows)
+def report(rows: list[Row]) -> None:
     for row in rows:
-        if row.metric == "ttft_ms" and row.ratio:
-            print(f"  {row.case}: {1 / row.ratio:.1f}x faster than recomputing")
-    summarize_targets(rows)
-    if not args.no_write:
-        print(f"wrote {write_results('ttft', rows)}")
-    print(f"command: {command_line()}")
-    return 0
+        if row.metric == "ttft_ms" and row.value:
+            print(f"  {row.case}: {row.baseline / row.value:.1f}x the speed of recomputing")
+
+
+def main() -> int:
+    def run_and_report(args) -> list[Row]:
+        rows = run(args)
+        report(rows)
+        return rows
+
+    return run_benchmark("ttft", __doc__.splitlines()[0], run_and_report)
 
 
 if __name__ == "__main__":

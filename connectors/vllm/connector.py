@@ -15,6 +15,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from connectors.vllm import step_timer
 from connectors.vllm.metadata import KVTierConnectorMetadata
 from connectors.vllm.settings import settings_from
+from connectors.vllm.stats import KVTierConnectorStats, build_stats
 
 if TYPE_CHECKING:
     import torch
@@ -121,7 +122,26 @@ class KVTierConnector(KVConnectorBase_V1):
     def build_connector_worker_meta(self):  # noqa: ANN201 - vLLM's KVConnectorWorkerMetadata
         return self._worker.build_worker_meta()
 
+    # vLLM 0.33 sleep mode (absent in 0.32, where these are never called).
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: object) -> bool:
+        return True
+
+    def unregister_kv_caches(self) -> None:
+        self._worker.pause()
+
+    def restore_kv_caches(self) -> None:
+        self._worker.resume()
+
     # ---- both --------------------------------------------------------------------------------
+
+    def get_kv_connector_stats(self) -> KVTierConnectorStats | None:
+        side = self._worker if self._worker is not None else self._scheduler
+        return side.interval.take()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVTierConnectorStats:
+        return build_stats(data)
 
     def shutdown(self) -> None:
         if self._worker is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from connectors.vllm.identity import hash_extras, layout_for_rank
 from connectors.vllm.link import DaemonLink
 from connectors.vllm.metadata import KVTierConnectorMetadata, KVTierWorkerMetadata, LoadSpec, SaveSpec
 from connectors.vllm.settings import ConnectorSettings
+from connectors.vllm.stats import StatsInterval
 from kvtier.blocks import PrefixHasher
 
 if TYPE_CHECKING:
@@ -70,7 +72,9 @@ class SchedulerSide:
         self.pending_loads: list[LoadSpec] = []
         self.unannounced: dict[bytes, _PendingEvent] = {}
         self.events: list[Any] = []
-        self.stats = {"lookups": 0, "lookup_hit_tokens": 0, "lookup_unavailable": 0, "load_requests": 0}
+        self.interval = StatsInterval()
+        self.stats = self.interval.total  # lookups, lookup_hit_tokens, lookup_unavailable, load_requests
+        self.announced: OrderedDict[bytes, None] = OrderedDict()  # blocks already in a STORAGE event
 
     # ---- lookups -----------------------------------------------------------------------------
 
@@ -127,6 +131,7 @@ class SchedulerSide:
             return 0, False
         is_async = any(tier != "host" for tier in tiers[start:])
         state.lookup = (start, len(tiers) - start, is_async)
+        self._announce_stored(request, tiers, state.hasher.hashes)
         self.stats["lookup_hit_tokens"] += (len(tiers) - start) * self.block_size
         return (len(tiers) - start) * self.block_size, is_async
 
@@ -214,6 +219,24 @@ class SchedulerSide:
                 self.unannounced[hashes[i]] = _PendingEvent(vllm_hashes[i], parent, list(tokens), getattr(lora, "lora_name", None))
         while len(self.unannounced) > _MAX_UNANNOUNCED:  # saves that never committed (daemon down)
             del self.unannounced[next(iter(self.unannounced))]
+
+    def _announce_stored(self, request: Request, tiers: list[str], hashes: list[bytes]) -> None:
+        """KV events (medium STORAGE) for blocks a lookup found below host memory, once each."""
+        vllm_hashes = getattr(request, "block_hashes", None) or []
+        from vllm.distributed.kv_events import MEDIUM_STORAGE, BlockStored
+
+        lora = getattr(request, "lora_request", None)
+        for i, tier in enumerate(tiers):
+            if tier == "host" or i >= len(vllm_hashes) or hashes[i] in self.announced:
+                continue
+            self.announced[hashes[i]] = None
+            if len(self.announced) > _MAX_UNANNOUNCED:
+                self.announced.popitem(last=False)
+            self.events.append(BlockStored(
+                block_hashes=[vllm_hashes[i]], parent_block_hash=vllm_hashes[i - 1] if i else None,
+                token_ids=list(request.all_token_ids[i * self.block_size : (i + 1) * self.block_size]),
+                block_size=self.block_size, lora_id=None, medium=MEDIUM_STORAGE, lora_name=getattr(lora, "lora_name", None),
+            ))
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         meta = getattr(output, "kv_connector_worker_meta", None)

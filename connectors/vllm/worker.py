@@ -29,6 +29,7 @@ from connectors.vllm.identity import layout_for_rank
 from connectors.vllm.link import DaemonLink
 from connectors.vllm.metadata import KVTierConnectorMetadata, KVTierWorkerMetadata, LoadSpec, SaveSpec
 from connectors.vllm.settings import ConnectorSettings
+from connectors.vllm.stats import StatsInterval
 from kvtier.blocks import payload_checksum
 from kvtier.client import DaemonClient, ReserveStatus
 from kvtier.copy import describe_paged_kv, make_page_copier
@@ -74,14 +75,16 @@ class WorkerSide:
         self._save_queue: queue.Queue[tuple[SaveSpec, Any] | None] = queue.Queue()
         self._saver = threading.Thread(target=self._save_loop, name="kvtier-saver", daemon=True)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-loader")
-        self.stats: Counter[str] = Counter()
+        self.interval = StatsInterval()
+        self.stats = self.interval.total
         self._closed = False
 
     # ---- setup -------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         names = [n for n in self.kv_cache_config.kv_cache_groups[0].layer_names if n in kv_caches]
-        self.paged = describe_paged_kv({name: kv_caches[name] for name in names})
+        self._kv_caches = {name: kv_caches[name] for name in names}
+        self.paged = describe_paged_kv(self._kv_caches)
         if self.paged.slot_nbytes != self.layout.block_nbytes:
             log.error(
                 "KVTierConnector disabled: the engine's blocks are %d bytes but layout %s expects %d; "
@@ -95,6 +98,21 @@ class WorkerSide:
         atexit.register(self.shutdown)  # an engine that exits without shutdown() still flushes its saves
         log.info("KVTierConnector worker ready: layout %s, %d-byte blocks, copies via %s",
                  self.layout.layout_id, self.layout.block_nbytes, type(self.copier).__name__)
+
+    def pause(self) -> None:
+        """vLLM 0.33 sleep mode: finish in-flight saves and stop touching the KV cache."""
+        if not self.enabled:
+            return
+        with self._lock:
+            self._lock.wait_for(lambda: not self._pending_saves and self._save_queue.empty(), _PREEMPTION_WAIT_S)
+        self.enabled = False
+
+    def resume(self) -> None:
+        """After wake-up the KV cache may sit at new addresses: describe it again."""
+        if self.paged is None or self.enabled:
+            return
+        self.paged = describe_paged_kv(self._kv_caches)
+        self.enabled = True
 
     def _arena(self, client: DaemonClient) -> torch.Tensor:
         """The arena as a uint8 tensor (re-mapped when the daemon restarted)."""

@@ -10,7 +10,7 @@ import sys
 import grpc
 import pytest
 
-from kvtier.blocks import KVLayout, hash_prompt
+from kvtier.blocks import hash_prompt
 from kvtier.client import DaemonClient, ReserveStatus
 from kvtier.errors import AuthenticationError, DaemonError, InvalidRequestError, LayoutError, LeaseError
 from kvtier.v1 import daemon_pb2 as pb

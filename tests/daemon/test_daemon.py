@@ -12,7 +12,6 @@ import textwrap
 import time
 import urllib.request
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvtier.blocks import hash_prompt

@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from kvtier.testing.engine import ENGINE_ENV
+
 # Defaults for LLM(...) on this machine kind (2 cores, 24 GiB, no GPU).
 DEFAULT_LLM_KWARGS: dict[str, Any] = {
     "enforce_eager": True,
@@ -44,18 +46,8 @@ DEFAULT_LLM_KWARGS: dict[str, Any] = {
     "disable_log_stats": False,  # keeps the prefix-cache counters (LLM.get_metrics)
 }
 
-# Environment for the engine subprocess.
-DEFAULT_ENGINE_ENV: dict[str, str] = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "OMP_NUM_THREADS": "2",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "TOKENIZERS_PARALLELISM": "false",
-    "VLLM_LOGGING_LEVEL": "WARNING",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-}
+# Environment for the engine subprocess (shared with kvtier.testing.engine).
+DEFAULT_ENGINE_ENV: dict[str, str] = {**ENGINE_ENV, "OMP_NUM_THREADS": "2"}
 
 ENGINE_TIMEOUT_S = 600
 

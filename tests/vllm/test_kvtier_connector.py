@@ -23,6 +23,7 @@ import pytest
 from kvtier.blocks import payload_checksum
 from kvtier.blocks.keys import block_key_of
 from kvtier.blocks.record import HEADER_NBYTES, decode_header, encode_header
+from kvtier.testing.workload import kvtier_connector_config
 from tests.daemon.conftest import DaemonProcess
 from tests.vllm.conftest import EngineRun, make_random_prompts, run_engine_subprocess
 
@@ -38,16 +39,7 @@ SHARED_TOKENS = {len(PROMPT_B): 576, len(PROMPT_D): 288}  # full blocks shared w
 
 
 def kvtier_config(socket_path: Path | None, **extra: object) -> dict:
-    extra_config = dict(extra)
-    if socket_path is not None:
-        extra_config["socket_path"] = str(socket_path)
-    return {
-        "kv_connector": "KVTierConnector",
-        "kv_connector_module_path": "connectors.vllm",
-        "kv_role": "kv_both",
-        "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": extra_config,
-    }
+    return kvtier_connector_config(socket_path, **extra)
 
 
 def assert_same_outputs(run: EngineRun, batch: int, reference: list[dict], tolerance: float = 1e-3) -> None:
@@ -86,10 +78,7 @@ def daemon() -> DaemonProcess:
 
 def save_prompt_a(model: Path, workdir: Path, daemon: DaemonProcess, name: str) -> EngineRun:
     run = run_engine_subprocess(model, [[PROMPT_A]], workdir=workdir, name=name, kv_transfer_config=kvtier_config(daemon.socket_path))
-    deadline = time.monotonic() + 30
-    with daemon.client() as client:  # saves are asynchronous: wait until they reached the disk tier
-        while time.monotonic() < deadline and client.stats().chain.pending_demotions:
-            time.sleep(0.1)
+    daemon.wait_for_saves(len(PROMPT_A) // BLOCK)  # saves are asynchronous: wait until they reached the disk tier
     return run
 
 
@@ -287,3 +276,17 @@ def test_embedded_daemon_is_started_and_reused(tiny_model, workdir, reference, t
     finally:
         subprocess.run(["pkill", "-f", f"kvtier serve --socket {socket_path}"], check=False)
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_reuse_with_vllm_multiprocessing(tiny_model, workdir, reference, daemon) -> None:
+    """vLLM's default process layout (engine core and worker in their own processes): the two
+    connector halves share nothing but the metadata vLLM carries between them."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    first = run_engine_subprocess(tiny_model, [[PROMPT_A]], workdir=workdir / "mp", name="first", env=env,
+                                  kv_transfer_config=kvtier_config(daemon.socket_path))
+    assert_same_outputs(first, 0, reference["A"], tolerance=1e-6)
+    daemon.wait_for_saves(len(PROMPT_A) // BLOCK)
+    second = run_engine_subprocess(tiny_model, [FOLLOW_UPS], workdir=workdir / "mp", name="second", env=env,
+                                   kv_transfer_config=kvtier_config(daemon.socket_path))
+    assert_same_outputs(second, 0, reference["follow_ups"])
+    assert second.num_cached_tokens(0) == [SHARED_TOKENS[len(p)] for p in FOLLOW_UPS]
