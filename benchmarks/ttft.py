@@ -12,7 +12,8 @@ Configurations, all in the same run on the same prompts:
 - ``kvtier disk``: after a daemon restart, prefix blocks promoted from local disk (async load);
 - ``kvtier s3``: a daemon whose only lower tier is S3 (moto_server), restarted: blocks from S3;
 - ``ExampleConnector``: vLLM's reference connector (safetensors files per request);
-- LMCache: see ``benchmarks/peers/lmcache_ttft.py`` (its own virtual environment).
+- LMCache in its multiprocess server mode (``benchmarks/peers/lmcache_ttft.py``, in its own
+  virtual environment from ``scripts/setup_lmcache_env.sh``), when that environment exists.
 
 Also the connector's cost when nothing hits: the same unique prompts (decode-heavy) through an
 engine with kvtier and one without, interleaved; target: at most 2% slower.
@@ -26,6 +27,7 @@ import json
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +50,8 @@ def ttft_row(case: str, measured: dict[str, list], extra: dict) -> Row:
     if measured["tokens"] != measured["base_tokens"]:
         raise AssertionError(f"{case}: the connector changed the output")
     return Row(case, "ttft_ms", statistics.median(measured["ms"]), statistics.median(measured["base_ms"]), unit="ms",
-               better="lower", bound="no offload (recompute), interleaved", extra={**extra, "cached_tokens": measured["cached"]})
+               better="lower", bound="no offload (recompute), interleaved",
+               extra={**extra, "cached_tokens": measured["cached"], "base_ms": [round(m, 2) for m in measured["base_ms"]]})
 
 
 def run(args) -> list[Row]:
@@ -98,9 +101,39 @@ def run(args) -> list[Row]:
                 rows.append(ttft_row("ExampleConnector cold (compute + save)", paired(engine, base, workload[0]), extra))
                 # ExampleConnector matches whole prompts only: a new question on the same document misses.
                 rows.append(ttft_row("ExampleConnector hit (same prompt again)", paired(engine, base, workload[0]), extra))
+        rows.extend(run_lmcache(model, root, quick, rows, extra))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return rows
+
+
+LMCACHE_PYTHON = Path(__file__).resolve().parents[1] / ".venv-lmcache" / "bin" / "python"
+
+
+def run_lmcache(model: Path, root: Path, quick: bool, rows: list[Row], extra: dict) -> list[Row]:
+    """LMCache (multiprocess server mode, the one that runs on vLLM's CPU backend) in its own
+    environment (``bash scripts/setup_lmcache_env.sh``); skipped when that is not installed.
+    It runs in a separate process after kvtier's engines, so its baseline is the median of the
+    no-offload TTFTs measured above, not an interleaved one: compare with care."""
+    if not LMCACHE_PYTHON.exists():
+        print("LMCache: not installed (bash scripts/setup_lmcache_env.sh); skipped")
+        return []
+    out = root / "lmcache.json"
+    command = [str(LMCACHE_PYTHON), str(Path(__file__).parent / "peers" / "lmcache_ttft.py"), "--model", str(model),
+               "--out", str(out), "--disk"] + (["--quick"] if quick else [])
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0 or not out.exists():
+        print(f"LMCache run failed (exit {result.returncode}): {result.stderr[-2000:]}")
+        return []
+    data = json.loads(out.read_text())
+    baseline = statistics.median(m for row in rows if row.metric == "ttft_ms" for m in row.extra.get("base_ms", []))
+    lm_rows = []
+    for key, case in (("hit_ttft_ms", "LMCache hit (CPU memory), not interleaved"),
+                      ("disk_ttft_ms", "LMCache hit (disk), not interleaved")):
+        if data.get(key):
+            lm_rows.append(Row(case, "ttft_ms", statistics.median(data[key]), baseline, unit="ms", better="lower",
+                               bound="median no-offload TTFT of this run", extra=extra))
+    return lm_rows
 
 
 def run_s3(engine: EngineSession, base: EngineSession, daemon: LocalDaemon, workload, blocks_per_doc: int,
