@@ -215,8 +215,8 @@ class SchedulerSide:
         for i in indexes:
             if i < len(vllm_hashes):
                 tokens = request.all_token_ids[i * self.block_size : (i + 1) * self.block_size]
-                parent = vllm_hashes[i - 1] if i > 0 else None
-                self.unannounced[hashes[i]] = _PendingEvent(vllm_hashes[i], parent, list(tokens), getattr(lora, "lora_name", None))
+                parent = _external(vllm_hashes[i - 1]) if i > 0 else None
+                self.unannounced[hashes[i]] = _PendingEvent(_external(vllm_hashes[i]), parent, list(tokens), getattr(lora, "lora_name", None))
         while len(self.unannounced) > _MAX_UNANNOUNCED:  # saves that never committed (daemon down)
             del self.unannounced[next(iter(self.unannounced))]
 
@@ -233,7 +233,7 @@ class SchedulerSide:
             if len(self.announced) > _MAX_UNANNOUNCED:
                 self.announced.popitem(last=False)
             self.events.append(BlockStored(
-                block_hashes=[vllm_hashes[i]], parent_block_hash=vllm_hashes[i - 1] if i else None,
+                block_hashes=[_external(vllm_hashes[i])], parent_block_hash=_external(vllm_hashes[i - 1]) if i else None,
                 token_ids=list(request.all_token_ids[i * self.block_size : (i + 1) * self.block_size]),
                 block_size=self.block_size, lora_id=None, medium=MEDIUM_STORAGE, lora_name=getattr(lora, "lora_name", None),
             ))
@@ -264,6 +264,13 @@ class SchedulerSide:
 
 _TIER_ORDER = {"host": 0, "disk": 1, "s3": 2}
 _MAX_UNANNOUNCED = 1 << 16
+
+
+def _external(block_hash: Any) -> Any:
+    """vLLM's block hash as its own events publish it (an int unless configured otherwise)."""
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+    return maybe_convert_block_hash(block_hash)
 
 
 def _tier_rank(tier: str) -> int:

@@ -292,3 +292,89 @@ def test_reuse_with_vllm_multiprocessing(tiny_model, workdir, reference, daemon)
                                    kv_transfer_config=kvtier_config(daemon.socket_path))
     assert_same_outputs(second, 0, reference["follow_ups"])
     assert second.num_cached_tokens(0) == [SHARED_TOKENS[len(p)] for p in FOLLOW_UPS]
+
+
+EVENTS_RUNNER = """
+import json, sys
+
+
+def main():
+    spec = json.load(open(sys.argv[1]))
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVEventsConfig, KVTransferConfig
+    llm = LLM(model=spec["model"], enforce_eager=True, dtype="float32", max_model_len=2048, block_size=32,
+              kv_cache_memory_bytes=64 * 1024 * 1024, seed=0, kv_transfer_config=KVTransferConfig(**spec["config"]),
+              kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=spec["endpoint"], topic="kv"))
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, detokenize=False)
+    llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params, use_tqdm=False)
+    import time
+    time.sleep(2.0)  # saves are committed after the step; their events go out on later steps
+    llm.generate([{"prompt_token_ids": spec["prompts"][0][:40]}], params, use_tqdm=False)
+    time.sleep(1.0)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def collect_events(tiny_model, workdir: Path, name: str, daemon: DaemonProcess, prompts: list[list[int]]) -> list[dict]:
+    """Run an engine publishing vLLM KV events over ZMQ and return the decoded events it sent."""
+    import json
+
+    import msgpack
+    import zmq
+
+    port = __import__("tests.daemon.conftest", fromlist=["free_port"]).free_port()
+    context = zmq.Context()
+    subscriber = context.socket(zmq.SUB)
+    subscriber.bind(f"tcp://127.0.0.1:{port}")  # the engine publishes to it (a tcp://host endpoint connects)
+    subscriber.setsockopt(zmq.SUBSCRIBE, b"kv")
+    spec_path = workdir / f"{name}.json"
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(json.dumps({"model": str(tiny_model), "config": kvtier_config(daemon.socket_path, retry_after_s=0.2),
+                                     "endpoint": f"tcp://127.0.0.1:{port}", "prompts": prompts}))
+    script = workdir / "events_runner.py"
+    script.write_text(EVENTS_RUNNER)
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+           "PYTHONPATH": str(Path(__file__).parents[2]), "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    engine = subprocess.Popen([sys.executable, str(script), str(spec_path)], env=env,
+                              stdout=open(workdir / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+    events: list[dict] = []
+    try:
+        while engine.poll() is None or subscriber.poll(200):
+            if subscriber.poll(200):
+                _topic, _seq, payload = subscriber.recv_multipart()
+                _ts, batch, *_ = msgpack.unpackb(payload, raw=False)
+                for event in batch:
+                    events.append(event if isinstance(event, dict) else {"type": event[0], "fields": event[1:]})
+        assert engine.returncode == 0, (workdir / f"{name}.log").read_text()[-3000:]
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+        subscriber.close()
+        context.term()
+    return events
+
+
+def stored_media(events: list[dict]) -> list[str]:
+    media = []
+    for event in events:
+        if event.get("type") == "BlockStored":
+            media.append(event.get("medium") if "medium" in event else event["fields"][5])
+    return media
+
+
+def test_kv_events_report_kvtier_blocks(tiny_model, workdir, daemon) -> None:
+    """Routers built for vLLM's KV events see the blocks kvtier holds: CPU when saved, STORAGE
+    when a lookup finds them on disk."""
+    events = collect_events(tiny_model, workdir / "events", "saver", daemon, [PROMPT_A])
+    media = stored_media(events)
+    assert "CPU" in media, media
+    gpu = {h for e in events if e.get("medium") == "GPU" for h in e["block_hashes"]}
+    cpu = {h for e in events if e.get("medium") == "CPU" for h in e["block_hashes"]}
+    assert cpu and cpu <= gpu  # kvtier announces its blocks under the hashes vLLM's own events use
+    daemon.stop()
+    daemon.start()  # the blocks are on disk now
+    events = collect_events(tiny_model, workdir / "events", "loader", daemon, [PROMPT_B])
+    assert "STORAGE" in stored_media(events)
