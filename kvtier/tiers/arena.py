@@ -128,6 +128,7 @@ class _Slab:
 class _SlotClass:
     slot_nbytes: int
     partial: dict[int, _Slab] = field(default_factory=dict)  # first_page -> slab with free slots
+    current: _Slab | None = None  # the slab allocations come from while it has free slots
 
 
 class SlabAllocator:
@@ -155,17 +156,22 @@ class SlabAllocator:
         return round_up(max(nbytes, 1), SLOT_ALIGN)
 
     def allocate(self, nbytes: int) -> int:
-        """Return the offset of a free slot for ``nbytes``; raise TierFullError when none is left."""
-        slot_nbytes = self.slot_nbytes_for(nbytes)
+        """Return the offset of a free slot for ``nbytes``; raise TierFullError when none is left.
+
+        On the hot path of every put: keep it to a few dictionary and list operations."""
+        slot_nbytes = (nbytes + SLOT_ALIGN - 1) & -SLOT_ALIGN if nbytes > 0 else SLOT_ALIGN
         klass = self._classes.get(slot_nbytes)
         if klass is None:
             klass = self._classes[slot_nbytes] = _SlotClass(slot_nbytes)
-        if not klass.partial:
-            self._new_slab(klass)
-        first_page, slab = next(iter(klass.partial.items()))
+        slab = klass.current
+        if slab is None or not slab.free_slots:
+            if not klass.partial:
+                self._new_slab(klass)
+            slab = klass.current = next(iter(klass.partial.values()))
         offset = slab.free_slots.pop()
         if not slab.free_slots:
-            del klass.partial[first_page]
+            del klass.partial[slab.first_page]
+            klass.current = None
         self.used_bytes += slot_nbytes
         return offset
 
@@ -179,6 +185,8 @@ class SlabAllocator:
         klass = self._classes[slot_nbytes]
         if slab.used == 0:
             klass.partial.pop(slab.first_page, None)
+            if klass.current is slab:
+                klass.current = None
             self._release_slab(slab)
         else:
             klass.partial[slab.first_page] = slab
