@@ -75,7 +75,6 @@ class DiskTierConfig(_Section):
     capacity: ByteSize = parse_size("64GiB")
     o_direct: ODirectMode = ODirectMode.AUTO
     fsync: bool = False  # fsync each block before it becomes visible (power-loss durability)
-    io_threads: int = Field(default=4, ge=1, le=256)
 
 
 class S3TierConfig(_Section):

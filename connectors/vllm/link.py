@@ -33,7 +33,6 @@ class DaemonLink:
         self._client: DaemonClient | None = None
         self._registered = False
         self._down_until = 0.0
-        self.failures = 0
 
     def _connect(self) -> DaemonClient:
         if self._client is None:
@@ -61,7 +60,6 @@ class DaemonLink:
                     client = self._connect()
                 return operation(client)
         except (DaemonError, LayoutError, KVTierError) as exc:
-            self.failures += 1
             with self._lock:
                 self._registered = False
             self._down_until = time.monotonic() + self.settings.retry_after_s

@@ -21,17 +21,17 @@ TIMES: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
 
 
 def timed(method: F) -> F:
-    name = method.__name__
+    entry = TIMES[method.__name__]
+    clock = time.perf_counter
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        start = clock()
         try:
             return method(*args, **kwargs)
         finally:
-            entry = TIMES[name]
             entry[0] += 1
-            entry[1] += time.perf_counter() - start
+            entry[1] += clock() - start
 
     return wrapper  # type: ignore[return-value]
 

@@ -26,9 +26,6 @@ class BlockRecord:
     def in_tier(self, index: int) -> bool:
         return bool(self.tiers >> index & 1)
 
-    def lowest_tier(self) -> int | None:
-        return None if self.tiers == 0 else self.tiers.bit_length() - 1
-
     def held_below(self, index: int) -> bool:
         return self.tiers >> (index + 1) != 0
 

@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import mmap
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvtier.errors import ConfigError, TierFullError
 
 SLOT_ALIGN = 4096
-_MADV_POPULATE_READ = 22
-_MADV_POPULATE_WRITE = 23
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -75,23 +72,6 @@ class SharedArena:
         """Map an existing arena created by another process."""
         fd = os.open(path, os.O_RDWR)
         return cls(Path(path), fd, os.fstat(fd).st_size, owner=False)
-
-    def prefault(self, chunk_nbytes: int = 2 << 20) -> None:
-        """Map every page of the arena into this process now (first touches of a fresh mapping
-        cost a page fault each, several times slower than the copy). Does not change the bytes:
-        uses ``MADV_POPULATE_WRITE`` (Linux 5.14+), else ``MADV_POPULATE_READ``, else nothing.
-
-        Meant for the arena's owner, on a background thread right after creation. ``madvise``
-        holds the GIL, so it works in small chunks and yields between them; engine processes
-        that attach should not call it (first touches are cheaper than stalling the engine)."""
-        for advice in (_MADV_POPULATE_WRITE, _MADV_POPULATE_READ):
-            try:
-                for start in range(0, self.nbytes, chunk_nbytes):
-                    self._map.madvise(advice, start, min(chunk_nbytes, self.nbytes - start))
-                    time.sleep(0)  # let other threads run
-                return
-            except (OSError, ValueError):
-                continue  # kernel too old for this advice, or the arena was closed meanwhile
 
     def view(self, offset: int, nbytes: int) -> memoryview:
         return self.buffer[offset : offset + nbytes]
