@@ -18,9 +18,11 @@ import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from connectors.vllm import step_timer
 from connectors.vllm.identity import hash_extras, layout_for_rank
 from connectors.vllm.link import DaemonLink
 from connectors.vllm.metadata import KVTierConnectorMetadata, KVTierWorkerMetadata, LoadSpec, SaveSpec
@@ -68,6 +70,7 @@ class SchedulerSide:
         self.layouts = [layout_for_rank(vllm_config, kv_cache_config, rank, settings.model_id) for rank in range(tp_size)]
         self.link = DaemonLink(settings, self.layouts, client_id="vllm-scheduler")
         self._lookups = ThreadPoolExecutor(2, thread_name_prefix="kvtier-lookup")
+        self._engine_idle = True
         self.requests: dict[str, _RequestState] = {}
         self.pending_loads: list[LoadSpec] = []
         self.unannounced: dict[bytes, _PendingEvent] = {}
@@ -117,10 +120,22 @@ class SchedulerSide:
             if state.pending_lookup is None:
                 return 0, False
         if not state.pending_lookup.done():
-            if time.monotonic() - state.lookup_started < self.settings.timeout_s:
-                return None, False
-            self.stats["lookup_unavailable"] += 1
-            return 0, False  # too slow: compute rather than wait
+            # Wait a little only while the engine is idle (the last step scheduled nothing): the
+            # wait then delays no one and spares the request a spin of empty steps. A busy
+            # engine never waits; the request is asked about again next step.
+            waited = time.perf_counter()
+            try:
+                state.pending_lookup.result(timeout=self.settings.lookup_wait_s if self._engine_idle else 0)
+            except FutureTimeout:
+                pass
+            finally:
+                if self._engine_idle:
+                    step_timer.record_idle_wait(time.perf_counter() - waited)
+            if not state.pending_lookup.done():
+                if time.monotonic() - state.lookup_started < self.settings.timeout_s:
+                    return None, False
+                self.stats["lookup_unavailable"] += 1
+                return 0, False  # too slow: compute rather than wait
         tiers = state.pending_lookup.result()
         self.stats["lookups"] += 1
         start = num_computed_tokens // self.block_size
@@ -158,6 +173,7 @@ class SchedulerSide:
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVTierConnectorMetadata:
         meta = KVTierConnectorMetadata(loads=self.pending_loads)
         self.pending_loads = []
+        self._engine_idle = scheduler_output.total_num_scheduled_tokens == 0
         scheduled = scheduler_output.num_scheduled_tokens
         speculative = scheduler_output.scheduled_spec_decode_tokens
         for new in scheduler_output.scheduled_new_reqs:

@@ -31,6 +31,9 @@ class ConnectorSettings(BaseModel):
     daemon_start_timeout_s: float = Field(default=60.0, gt=0)
     model_id: str | None = None  # name in the layout (default: vLLM's model); set it when paths differ per node
     timeout_s: float = Field(default=2.0, gt=0)  # deadline of each daemon call
+    # How long the scheduler may wait for a new request's lookup (started at arrival) when the
+    # engine is idle, before asking again next step; a busy engine never waits. 0 never waits.
+    lookup_wait_s: float = Field(default=0.002, ge=0, le=0.1)
     retry_after_s: float = Field(default=5.0, ge=0)  # after a failed call, skip the daemon this long
     save_generated: bool = True  # also save blocks of generated tokens (multi-turn reuse)
     async_load_timeout_s: float = Field(default=30.0, gt=0)  # a deeper-tier load not done by then fails

@@ -1,7 +1,8 @@
 """Time spent inside the connector's hooks on vLLM's step loop (what the connector adds to a step).
 
 Always on (two ``perf_counter`` calls per hook). With ``KVTIER_CONNECTOR_PROFILE=PATH`` set,
-each process writes ``PATH.<pid>.json`` at exit: ``{hook: [calls, seconds]}``, which
+each process writes ``PATH.<pid>.json`` at exit: ``{hook: [calls, seconds]}`` (plus
+``idle_lookup_wait``, time inside hooks spent waiting while the engine was idle), which
 ``benchmarks/ttft.py`` compares with the engine's step time.
 """
 
@@ -18,6 +19,15 @@ from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 TIMES: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+#: Part of the hook time spent waiting for a lookup while the engine had nothing scheduled
+#: (it delays no request; reported apart so the step overhead is not overstated).
+IDLE_WAIT = "idle_lookup_wait"
+
+
+def record_idle_wait(seconds: float) -> None:
+    entry = TIMES[IDLE_WAIT]
+    entry[0] += 1
+    entry[1] += seconds
 
 
 def timed(method: F) -> F:
