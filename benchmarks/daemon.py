@@ -73,6 +73,7 @@ def run(args) -> list[Row]:
         # ---- control-plane latency -------------------------------------------------------------
         small = layout_for(64 * 1024)
         reg = client.register_layout(small)
+        client.arena(populate=True)  # steady state: every page mapped, as in the in-process chain
         hashes = hash_prompt(list(range(16 * 2048)), 16)
         keys = keys_for(small.layout_id, hashes)
         payload = os.urandom(small.block_nbytes)

@@ -10,6 +10,7 @@ of the descriptor (sorted keys, no spaces, UTF-8, with ``"v": 1``); see ``docs/b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -106,8 +107,14 @@ class KVLayout:
         return hashlib.sha256(self.canonical_json()).hexdigest()[:LAYOUT_ID_HEX_DIGITS]
 
 
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+@functools.lru_cache(maxsize=1024)
 def check_layout_id(text: str) -> str:
-    """Return ``text`` if it is a well-formed layout id (16 lowercase hex digits), else raise."""
-    if len(text) != LAYOUT_ID_HEX_DIGITS or any(c not in "0123456789abcdef" for c in text):
+    """Return ``text`` if it is a well-formed layout id (16 lowercase hex digits), else raise.
+
+    Cached: every BlockKey checks its layout id, and a node sees only a few layouts."""
+    if len(text) != LAYOUT_ID_HEX_DIGITS or not _HEX_DIGITS.issuperset(text):
         raise LayoutError(f"layout id must be {LAYOUT_ID_HEX_DIGITS} lowercase hex digits, got {text!r}")
     return text

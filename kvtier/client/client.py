@@ -177,12 +177,15 @@ class DaemonClient:
 
     # ---- data plane --------------------------------------------------------------------------
 
-    def arena(self) -> SharedArena:
-        """The daemon's host arena, mapped on first use (after a register_layout call)."""
+    def arena(self, populate: bool = False) -> SharedArena:
+        """The daemon's host arena, mapped on first use (after a register_layout call).
+
+        ``populate`` maps every page at once (about 0.5 s per GiB, holding the GIL); otherwise
+        each page costs a fault on its first use in this process."""
         if self._arena is None:
             if self._arena_path is None:
                 raise LayoutError("register a layout before using the arena")
-            self._arena = SharedArena.attach(self._arena_path)
+            self._arena = SharedArena.attach(self._arena_path, populate=populate)
         return self._arena
 
     def write_blocks(self, layout_id: str, blocks: Mapping[bytes, bytes]) -> dict[bytes, ReserveStatus]:

@@ -33,17 +33,21 @@ def round_up(value: int, multiple: int) -> int:
 class SharedArena:
     """A shared, file-backed memory region. ``owner`` arenas unlink their file on :meth:`close`."""
 
-    def __init__(self, path: Path, fd: int, nbytes: int, owner: bool) -> None:
+    def __init__(self, path: Path, fd: int, nbytes: int, owner: bool, populate: bool = False) -> None:
         self.path = path
         self.nbytes = nbytes
         self.owner = owner
         self._fd = fd
-        self._map = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        self._map = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.buffer = memoryview(self._map)
 
     @classmethod
-    def create(cls, path: Path, nbytes: int) -> SharedArena:
-        """Create a new arena file of ``nbytes`` (fails if it exists), mode 0600."""
+    def create(cls, path: Path, nbytes: int, populate: bool = False) -> SharedArena:
+        """Create a new arena file of ``nbytes`` (fails if it exists), mode 0600.
+
+        ``populate`` maps every page now (``MAP_POPULATE``, about 0.5 s per GiB, once at start)
+        instead of taking a page fault on each page's first touch while serving."""
         if nbytes <= 0:
             raise ConfigError(f"host arena size must be positive, got {nbytes}")
         try:
@@ -58,7 +62,7 @@ class SharedArena:
         try:
             os.fchmod(fd, 0o600)
             os.posix_fallocate(fd, 0, nbytes)
-            return cls(path, fd, nbytes, owner=True)
+            return cls(path, fd, nbytes, owner=True, populate=populate)
         except OSError as exc:
             os.close(fd)
             os.unlink(path)
@@ -68,10 +72,10 @@ class SharedArena:
             ) from exc
 
     @classmethod
-    def attach(cls, path: Path | str) -> SharedArena:
-        """Map an existing arena created by another process."""
+    def attach(cls, path: Path | str, populate: bool = False) -> SharedArena:
+        """Map an existing arena created by another process (``populate``: see :meth:`create`)."""
         fd = os.open(path, os.O_RDWR)
-        return cls(Path(path), fd, os.fstat(fd).st_size, owner=False)
+        return cls(Path(path), fd, os.fstat(fd).st_size, owner=False, populate=populate)
 
     def view(self, offset: int, nbytes: int) -> memoryview:
         return self.buffer[offset : offset + nbytes]
