@@ -164,15 +164,6 @@ def aligned_views(size: int, n: int) -> list[memoryview]:
     return [buf[i * size : (i + 1) * size] for i in range(n)]
 
 
-def prefault(view: memoryview, chunk: int = 16 * MiB) -> None:
-    """Write zeros over ``view`` so its pages are mapped before timing (first touch of a shared
-    page costs far more than the copy into it; see the ``host.put cold-arena`` row)."""
-    zeros = bytes(min(chunk, len(view)))
-    for offset in range(0, len(view), chunk):
-        end = min(offset + chunk, len(view))
-        view[offset:end] = zeros[: end - offset]
-
-
 def chunks(items: Sequence, size: int) -> list[Sequence]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -252,10 +243,12 @@ class Runner:
 # ---- host --------------------------------------------------------------------------------------
 
 
-def host_settings(nbytes: int, shm_dir: Path) -> HostTierConfig:
+def host_settings(nbytes: int, shm_dir: Path, prefault: bool = True) -> HostTierConfig:
+    """``prefault``: every arena page mapped at creation (steady state, as in the bound)."""
     slab = 16 * MiB
     # every block twice (a re-put reserves before it frees) plus slack for partly used slabs
-    return HostTierConfig(capacity=2 * nbytes + 8 * slab, slab_size=slab, shm_dir=shm_dir, name=f"kvtier-bench-{uuid.uuid4().hex}")
+    return HostTierConfig(capacity=2 * nbytes + 8 * slab, slab_size=slab, shm_dir=shm_dir,
+                          name=f"kvtier-bench-{uuid.uuid4().hex}", prefault=prefault)
 
 
 def bench_host(run: Runner, plan: Plan, shm_dir: Path) -> None:
@@ -266,9 +259,8 @@ def bench_host(run: Runner, plan: Plan, shm_dir: Path) -> None:
         nbytes = src.nbytes
         common = {"tier": "host", "block_size": size, "blocks": n}
         with ExitStack() as stack:
-            bound_arena = SharedArena.create(shm_dir / f"kvtier-bench-{uuid.uuid4().hex}", nbytes)
+            bound_arena = SharedArena.create(shm_dir / f"kvtier-bench-{uuid.uuid4().hex}", nbytes, populate=True)
             stack.callback(bound_arena.close)
-            prefault(bound_arena.buffer)
             dst = [bound_arena.view(i * size, size) for i in range(n)]
             out = aligned_views(size, n)
             memcpy_in = lambda: copy_all(dst, src.views)  # noqa: E731
@@ -284,7 +276,7 @@ def bench_host(run: Runner, plan: Plan, shm_dir: Path) -> None:
                 def new_tier() -> None:
                     while cold:
                         cold.pop().close()
-                    cold.append(HostTier(host_settings(nbytes, shm_dir)))
+                    cold.append(HostTier(host_settings(nbytes, shm_dir, prefault=False)))
 
                 def cold_puts() -> None:
                     for r in requests:
@@ -296,7 +288,6 @@ def bench_host(run: Runner, plan: Plan, shm_dir: Path) -> None:
                 cold.pop().close()
 
             tier = stack.enter_context(HostTier(host_settings(nbytes, shm_dir)))
-            prefault(tier.arena.buffer)  # steady state: every page already mapped, as in the bound
 
             for batch in plan.batches:
                 body = loop_or_batch(batch, requests, lambda r: tier.put(r.key, r.payload, r.checksum), tier.put_many)
@@ -468,9 +459,8 @@ def s3_endpoint() -> Iterator[str]:
 
 def bench_s3(run: Runner, plan: Plan) -> None:
     import boto3
-    from botocore.config import Config
 
-    from kvtier.tiers.s3 import S3Tier, object_key
+    from kvtier.tiers.s3 import S3Tier, client_config, object_key
 
     target = TARGETS["s3"]
     with ExitStack() as stack:
@@ -479,18 +469,8 @@ def bench_s3(run: Runner, plan: Plan) -> None:
         settings = S3TierConfig(
             enabled=True, bucket=bucket, endpoint_url=url, region="us-east-1", max_concurrency=plan.s3_concurrency
         )
-        # The bound's client is configured like the tier's (kvtier.tiers.s3._client_config), so both
-        # skip the extra CRC32 of the body and keep the same connection pool.
-        options = {
-            "retries": {"mode": "standard", "total_max_attempts": settings.max_attempts},
-            "connect_timeout": settings.connect_timeout_s,
-            "read_timeout": settings.read_timeout_s,
-            "max_pool_connections": 2 * settings.max_concurrency,
-        }
-        if "request_checksum_calculation" in Config.OPTION_DEFAULTS:
-            options["request_checksum_calculation"] = "when_required"
-            options["response_checksum_validation"] = "when_required"
-        client = boto3.session.Session().client("s3", endpoint_url=url, region_name="us-east-1", config=Config(**options))
+        # The bound's client is configured exactly like the tier's (same retries, pool, no extra CRC).
+        client = boto3.session.Session().client("s3", endpoint_url=url, region_name="us-east-1", config=client_config(settings))
         stack.callback(client.close)
         client.create_bucket(Bucket=bucket)
         tier = stack.enter_context(S3Tier(settings))
@@ -548,8 +528,6 @@ def bench_chain(run: Runner, plan: Plan, shm_dir: Path, disk_dir: Path) -> None:
                 disk = DiskTier(DiskTierConfig(path=root / f"disk-{label}", capacity=4 * nbytes))
                 with_disk = stack.enter_context(TierChain([HostTier(host_settings(nbytes, shm_dir)), disk], config))
                 plain = stack.enter_context(HostTier(host_settings(nbytes, shm_dir)))
-                for host in (host_only.host, with_disk.host, plain):
-                    prefault(host.arena.buffer)  # steady state (see host.put cold-arena)
                 raw = RawFiles(root / f"raw-{label}", n, disk.o_direct)
                 # Fresh keys before every timed run (a chain put of a key already in host memory
                 # returns at once); eviction makes room in steady state, as in service.

@@ -18,7 +18,7 @@ from connectors.vllm.embedded import ensure_daemon
 from connectors.vllm.settings import ConnectorSettings
 from kvtier.blocks import KVLayout
 from kvtier.client import DaemonClient
-from kvtier.errors import DaemonError, KVTierError, LayoutError
+from kvtier.errors import KVTierError, LayoutError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,6 +44,11 @@ class DaemonLink:
             self._registered = True
         return self._client
 
+    def connect(self) -> bool:
+        """Reach (in embedded mode: start) the daemon and register the layouts now, at engine
+        start-up, so no later call on the step loop pays for it. False if it is unavailable."""
+        return self.call(lambda client: True) is not None
+
     def call(self, operation: Callable[[DaemonClient], T]) -> T | None:
         """Run ``operation`` against the daemon; None if it is unavailable (then skipped for a while)."""
         if time.monotonic() < self._down_until:
@@ -59,7 +64,7 @@ class DaemonLink:
                     self._registered = False
                     client = self._connect()
                 return operation(client)
-        except (DaemonError, LayoutError, KVTierError) as exc:
+        except KVTierError as exc:  # daemon down, slow, refusing: a miss
             with self._lock:
                 self._registered = False
             self._down_until = time.monotonic() + self.settings.retry_after_s

@@ -69,6 +69,7 @@ class SchedulerSide:
         tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.layouts = [layout_for_rank(vllm_config, kv_cache_config, rank, settings.model_id) for rank in range(tp_size)]
         self.link = DaemonLink(settings, self.layouts, client_id="vllm-scheduler")
+        self.link.connect()
         self._lookups = ThreadPoolExecutor(2, thread_name_prefix="kvtier-lookup")
         self._engine_idle = True
         self.requests: dict[str, _RequestState] = {}
@@ -97,7 +98,11 @@ class SchedulerSide:
         hashes = state.hasher.update(tokens)
         loadable = hashes[: (len(tokens) - 1) // self.block_size]  # the last token is always computed
         state.lookup_started = time.monotonic()
-        state.pending_lookup = self._lookups.submit(self._lookup, list(loadable)) if loadable else None
+        if loadable:
+            state.pending_lookup = self._lookups.submit(self._lookup, list(loadable))
+        else:  # a prompt shorter than two blocks: nothing to look up
+            state.pending_lookup = Future()
+            state.pending_lookup.set_result([])
 
     def _lookup(self, hashes: list[bytes]) -> list[str] | None:
         def lookup_every_rank(client) -> list[str]:
@@ -114,11 +119,7 @@ class SchedulerSide:
         state = self._state(request)
         state.lookup = None
         if state.pending_lookup is None:
-            if state.lookup_started:
-                return 0, False  # nothing loadable (a prompt shorter than two blocks)
             self._start_lookup(state)  # e.g. a request resumed after preemption
-            if state.pending_lookup is None:
-                return 0, False
         if not state.pending_lookup.done():
             # Wait a little only while the engine is idle (the last step scheduled nothing): the
             # wait then delays no one and spares the request a spin of empty steps. A busy
@@ -155,10 +156,10 @@ class SchedulerSide:
         lookup, state.lookup = state.lookup, None
         if num_external_tokens <= 0 or lookup is None:
             if num_external_tokens <= 0:
-                state.pending_lookup, state.lookup_started = None, 0.0  # a resumed request looks up afresh
+                state.pending_lookup = None  # a resumed request looks up afresh
             return
         start, found, is_async = lookup
-        state.pending_lookup, state.lookup_started = None, 0.0
+        state.pending_lookup = None
         count = min(found, num_external_tokens // self.block_size)
         block_ids = blocks.get_block_ids()[0]
         hashes = state.hasher.hashes

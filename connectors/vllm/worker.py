@@ -75,6 +75,7 @@ class WorkerSide:
         self._save_queue: queue.Queue[tuple[SaveSpec, Any] | None] = queue.Queue()
         self._saver = threading.Thread(target=self._save_loop, name="kvtier-saver", daemon=True)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-loader")
+        self._releaser = ThreadPoolExecutor(1, thread_name_prefix="kvtier-release")
         self.interval = StatsInterval()
         self.stats = self.interval.total
         self._closed = False
@@ -93,6 +94,7 @@ class WorkerSide:
             return
         device = next(iter(kv_caches.values())).device
         self.copier = make_page_copier(device)
+        self.link.connect()  # at start-up, not on the first step that needs the daemon
         self.enabled = True
         self._saver.start()
         atexit.register(self.shutdown)  # an engine that exits without shutdown() still flushes its saves
@@ -168,10 +170,10 @@ class WorkerSide:
         def copy_in(client: DaemonClient) -> int:
             grant = client.acquire(self.layout.layout_id, list(spec.block_hashes))
             try:
-                host = self._arena(client)
+                host, arena = self._arena(client), client.arena()
                 good = 0
                 for block in grant.blocks:
-                    slot = client.arena().view(block.offset, block.nbytes)
+                    slot = arena.view(block.offset, block.nbytes)
                     if block.nbytes != self.paged.slot_nbytes or payload_checksum(slot) != block.checksum:
                         self.stats["load_corrupt"] += 1
                         break
@@ -181,7 +183,8 @@ class WorkerSide:
                     self.copier.scatter(self.paged, list(spec.block_ids[:good]), host, offsets).wait()
                 return good
             finally:
-                self._loader.submit(self.link.call, lambda c: c.release(grant.lease_id))  # off the step
+                # Off the step, and not behind a long promotion on the loader thread.
+                self._releaser.submit(self.link.call, lambda c: c.release(grant.lease_id))
 
         loaded = self.link.call(copy_in) or 0
         self.stats["loaded_blocks"] += loaded
@@ -318,6 +321,7 @@ class WorkerSide:
             self._save_queue.put(None)
             self._saver.join(timeout=30)
         self._loader.shutdown(wait=True, cancel_futures=True)
+        self._releaser.shutdown(wait=True)
         self.link.close()
         if self.copier is not None:
             self.copier.close()

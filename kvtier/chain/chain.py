@@ -373,31 +373,33 @@ class TierChain:
 
     def get(self, key: BlockKey) -> bytes | None:
         """The block's bytes (verified if they came from below), or None on a miss."""
+        data = self._copy_from_host(key, count=True)
+        if data is not None or not self._promote(key):
+            return data
+        return self._copy_from_host(key, count=False)  # just promoted: read it pinned like any hit
+
+    def _copy_from_host(self, key: BlockKey, count: bool) -> bytes | None:
+        """Copy a host block out while pinned, so its slot cannot be reused mid-copy."""
         with self._lock:
             record = self._records.get(key)
-            if record is not None and record.in_tier(HOST):
-                record.pins += 1
-            else:
-                self._states[HOST].counters.misses += 1
-                record = None
-        if record is not None:
-            data = None
-            try:
-                view = self.host.view(key)
-                data = bytes(view) if view is not None else None
-            finally:
-                with self._lock:
-                    record.pins -= 1
+            if record is None or not record.in_tier(HOST):
+                if count:
+                    self._states[HOST].counters.misses += 1
+                return None
+            record.pins += 1
+        data = None
+        try:
+            view = self.host.view(key)
+            data = bytes(view) if view is not None else None
+        finally:
+            with self._lock:
+                record.pins -= 1
+                if data is not None and count:
                     state = self._states[HOST]
-                    if data is not None:
-                        state.counters.hits += 1
-                        state.counters.bytes_out += len(data)
-                        state.policy.access(key)
-            return data
-        if self._promote(key):
-            view = self.host.view(key)  # just promoted; a racing eviction can only make this None
-            return bytes(view) if view is not None else None
-        return None
+                    state.counters.hits += 1
+                    state.counters.bytes_out += len(data)
+                    state.policy.access(key)
+        return data
 
     def _promote(self, key: BlockKey) -> bool:
         """Bring a block from the highest lower tier holding it into host memory."""
@@ -411,25 +413,18 @@ class TierChain:
                 if not record.in_tier(state.index):
                     state.counters.misses += 1
                     continue
-                nbytes = record.nbytes
+                nbytes, checksum = record.nbytes, record.checksum
                 try:
                     slot = self._reserve_locked(key, nbytes)
                 except TierFullError:
                     return False
             if self._read_below(state, key, slot):
-                self.commit(slot, self._records_checksum(key, slot))
+                self.commit(slot, checksum)  # None (found by a scan): commit computes it
                 with self._lock:
                     state.counters.promotions += 1
                 return True
             self.abort(slot)
         return False
-
-    def _records_checksum(self, key: BlockKey, slot: Slot) -> int:
-        with self._lock:
-            record = self._records.get(key)
-            if record is not None and record.checksum is not None:
-                return record.checksum
-        return payload_checksum(self.host.slot_view(slot))
 
     def _read_below(self, state: _TierState, key: BlockKey, slot: Slot) -> bool:
         try:

@@ -96,11 +96,9 @@ class LocalDaemon:
         self.stop()
         self.start()
 
-    def wait_for_demotions(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        with self.client() as client:
-            while client.stats().chain.pending_demotions and time.monotonic() < deadline:
-                time.sleep(0.05)
+    def wait_for_demotions(self, timeout: float = 60) -> bool:
+        """Wait until nothing waits for demotion; False on timeout."""
+        return self.wait_for_saves(0, timeout)
 
     def wait_for_saves(self, min_host_blocks: int, timeout: float = 60) -> bool:
         """Wait until host memory holds ``min_host_blocks`` and nothing waits for demotion (an

@@ -129,38 +129,31 @@ class HostTier(Tier):
     # ---- Tier primitives ---------------------------------------------------------------------
 
     def put(self, key: BlockKey, payload: Buffer, checksum: int) -> None:
-        nbytes = len(payload)
-        if nbytes <= 0:
-            raise InvalidRequestError(f"block size must be positive, got {nbytes}")
         with self._lock:  # one critical section: the copy holds the GIL anyway
-            offset = self._allocator.allocate(nbytes)
-            self.arena.buffer[offset : offset + nbytes] = payload
-            previous = self._committed.get(key)
-            self._committed[key] = Slot(offset, nbytes)
-            if previous is not None:
-                self._allocator.free(previous.offset, previous.nbytes)
+            self._put_locked(key, payload)
 
     def put_many(self, requests: Sequence[PutRequest]) -> list[KVTierError | None]:
         """Store a batch under one lock acquisition (the per-block cost matters for small blocks)."""
         results: list[KVTierError | None] = []
-        buffer, allocator, committed = self.arena.buffer, self._allocator, self._committed
         with self._lock:
             for request in requests:
-                nbytes = len(request.payload)
                 try:
-                    if nbytes <= 0:
-                        raise InvalidRequestError(f"block size must be positive, got {nbytes}")
-                    offset = allocator.allocate(nbytes)
+                    self._put_locked(request.key, request.payload)
+                    results.append(None)
                 except KVTierError as exc:
                     results.append(exc)
-                    continue
-                buffer[offset : offset + nbytes] = request.payload
-                previous = committed.get(request.key)
-                committed[request.key] = Slot(offset, nbytes)
-                if previous is not None:
-                    allocator.free(previous.offset, previous.nbytes)
-                results.append(None)
         return results
+
+    def _put_locked(self, key: BlockKey, payload: Buffer) -> None:
+        nbytes = len(payload)
+        if nbytes <= 0:
+            raise InvalidRequestError(f"block size must be positive, got {nbytes}")
+        offset = self._allocator.allocate(nbytes)
+        self.arena.buffer[offset : offset + nbytes] = payload
+        previous = self._committed.get(key)
+        self._committed[key] = Slot(offset, nbytes)
+        if previous is not None:
+            self._allocator.free(previous.offset, previous.nbytes)
 
     def get(self, key: BlockKey) -> bytes | None:
         view = self.view(key)

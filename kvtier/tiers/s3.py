@@ -99,7 +99,8 @@ def _is_not_found(exc: BaseException) -> bool:
     return code in _NOT_FOUND_CODES or (status == 404 and code != "NoSuchBucket")
 
 
-def _client_config(settings: S3TierConfig) -> Config:
+def client_config(settings: S3TierConfig) -> Config:
+    """The botocore configuration the tier uses (also the benchmark's plain-boto3 bound)."""
     options: dict[str, Any] = {
         # total_max_attempts counts the first request; botocore's "max_attempts" key counts retries.
         "retries": {"mode": "standard", "total_max_attempts": settings.max_attempts},
@@ -141,7 +142,7 @@ class S3Tier(Tier):
                 "s3",
                 endpoint_url=settings.endpoint_url,
                 region_name=settings.region,
-                config=_client_config(settings),
+                config=client_config(settings),
             )
         except _FOREIGN_ERRORS as exc:
             raise ConfigError(f"cannot build an S3 client for {self._where}: {exc}") from exc

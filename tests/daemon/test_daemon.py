@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -51,12 +50,6 @@ def scrape(daemon: DaemonProcess) -> dict[tuple[str, tuple], float]:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
-
-
-def wait_for_demotions(client, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while client.stats().chain.pending_demotions and time.monotonic() < deadline:
-        time.sleep(0.02)
 
 
 def payload(block_hash: bytes) -> bytes:
@@ -123,7 +116,7 @@ def test_write_back_reaches_disk_and_prefetch_promotes(daemon: DaemonProcess) ->
         for start in range(0, len(hashes), 100):
             statuses = client.write_blocks(reg.layout_id, {h: payload(h) for h in hashes[start:start + 100]})
             assert set(statuses.values()) == {ReserveStatus.RESERVED}
-            wait_for_demotions(client)
+            daemon.wait_for_demotions()
         tiers = client.lookup(reg.layout_id, hashes)
         assert len(tiers) == len(hashes) and tiers[0] == "disk" and tiers[-1] == "host"
         host_blocks, done = client.prefetch(reg.layout_id, hashes[:10], wait_s=10)

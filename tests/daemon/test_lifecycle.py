@@ -69,7 +69,7 @@ def test_daemon_killed_and_restarted_serves_disk_blocks(daemon: DaemonProcess) -
     with daemon.client() as client:
         reg = client.register_layout(LAYOUT)
         client.write_blocks(reg.layout_id, {h: payload(h) for h in hashes})
-        assert wait_until(lambda: client.stats().chain.pending_demotions == 0)
+        assert daemon.wait_for_demotions()
     daemon.stop(signal.SIGKILL)
     assert daemon.socket_path.exists()  # left behind by the crash
     daemon.start()  # replaces the stale socket and arena
@@ -87,7 +87,7 @@ def test_corrupt_disk_block_after_restart_is_a_miss(daemon: DaemonProcess) -> No
     with daemon.client() as client:
         reg = client.register_layout(LAYOUT)
         client.write_blocks(reg.layout_id, {h: payload(h) for h in hashes})
-        assert wait_until(lambda: client.stats().chain.pending_demotions == 0)
+        assert daemon.wait_for_demotions()
     daemon.stop()
     victim = next(daemon.disk_path.rglob(f"{hashes[2].hex()}.kvb"))
     raw = bytearray(victim.read_bytes())

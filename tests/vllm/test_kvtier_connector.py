@@ -23,7 +23,7 @@ import pytest
 from kvtier.blocks import payload_checksum
 from kvtier.blocks.keys import block_key_of
 from kvtier.blocks.record import HEADER_NBYTES, decode_header, encode_header
-from kvtier.testing.workload import kvtier_connector_config
+from kvtier.testing.workload import kvtier_connector_config as kvtier_config
 from tests.daemon.conftest import DaemonProcess
 from tests.vllm.conftest import EngineRun, make_random_prompts, run_engine_subprocess
 
@@ -36,10 +36,6 @@ PROMPT_A, PROMPT_B, PROMPT_C = (BASE + make_random_prompts(1, 40, seed=10 + i)[0
 PROMPT_D = BASE[:300] + make_random_prompts(1, 200, seed=20)[0]  # shares a shorter prefix
 FOLLOW_UPS = [PROMPT_B, PROMPT_C, PROMPT_D]
 SHARED_TOKENS = {len(PROMPT_B): 576, len(PROMPT_D): 288}  # full blocks shared with PROMPT_A
-
-
-def kvtier_config(socket_path: Path | None, **extra: object) -> dict:
-    return kvtier_connector_config(socket_path, **extra)
 
 
 def assert_same_outputs(run: EngineRun, batch: int, reference: list[dict], tolerance: float = 1e-3) -> None:
