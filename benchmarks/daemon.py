@@ -157,8 +157,7 @@ def run(args) -> list[Row]:
 
             def get_direct() -> None:
                 lease = chain.acquire(read_keys)
-                for key in lease.keys:
-                    slot, expected = chain.host_location(key)
+                for slot, expected in lease.locations:
                     out[:] = chain.host.slot_view(slot)
                     assert payload_checksum(out) == expected
                 chain.release(lease.lease_id)

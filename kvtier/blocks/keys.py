@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from kvtier.blocks.hashing import BLOCK_HASH_BYTES
 from kvtier.blocks.layout import check_layout_id
 from kvtier.errors import InvalidRequestError, LayoutError
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class BlockKey:
-    """A block of one layout. ``str(key)`` is ``"<layout_id>/<32 hex digits>"``, used in paths and object keys."""
-
+class _BlockKeyFields(NamedTuple):
     layout_id: str
     block_hash: bytes
 
-    def __post_init__(self) -> None:
-        if len(self.block_hash) != BLOCK_HASH_BYTES:
-            raise InvalidRequestError(
-                f"block hash must be {BLOCK_HASH_BYTES} bytes, got {len(self.block_hash)}"
-            )
-        check_layout_id(self.layout_id)
+
+class BlockKey(_BlockKeyFields):
+    """A block of one layout. ``str(key)`` is ``"<layout_id>/<32 hex digits>"``, used in paths and object keys.
+
+    A tuple underneath, so hashing and comparing keys (every dict and policy lookup in the
+    chain) runs in C; construction checks both fields.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, layout_id: str, block_hash: bytes) -> BlockKey:
+        if not isinstance(block_hash, bytes) or len(block_hash) != BLOCK_HASH_BYTES:
+            got = f"{len(block_hash)} bytes" if isinstance(block_hash, bytes) else f"a {type(block_hash).__name__}"
+            raise InvalidRequestError(f"block hash must be {BLOCK_HASH_BYTES} bytes, got {got}")
+        check_layout_id(layout_id)
+        return tuple.__new__(cls, (layout_id, block_hash))
 
     @property
     def hash_hex(self) -> str:
@@ -29,6 +37,9 @@ class BlockKey:
 
     def __str__(self) -> str:
         return f"{self.layout_id}/{self.block_hash.hex()}"
+
+    def __repr__(self) -> str:
+        return f"BlockKey({self.layout_id!r}, {self.block_hash!r})"
 
 
 def make_block_key(layout_id: str, block_hash: bytes) -> BlockKey:
@@ -46,5 +57,14 @@ def block_key_of(text: str) -> BlockKey:
         raise InvalidRequestError(f"not a block key: {text!r} ({exc})") from exc
 
 
-def keys_for(layout_id: str, block_hashes: list[bytes]) -> list[BlockKey]:
-    return [BlockKey(layout_id, h) for h in block_hashes]
+def keys_for(layout_id: str, block_hashes: Sequence[bytes]) -> list[BlockKey]:
+    """Keys of many blocks of one layout, checked once for the batch (cheaper than one by one).
+
+    Raises :class:`InvalidRequestError` naming the first hash that is not ``BLOCK_HASH_BYTES`` bytes."""
+    check_layout_id(layout_id)
+    for index, block_hash in enumerate(block_hashes):
+        if type(block_hash) is not bytes or len(block_hash) != BLOCK_HASH_BYTES:
+            got = f"{len(block_hash)} bytes" if isinstance(block_hash, bytes) else f"a {type(block_hash).__name__}"
+            raise InvalidRequestError(f"block hash #{index} is {got}; kvtier block hashes are {BLOCK_HASH_BYTES} bytes")
+    make = tuple.__new__
+    return [make(BlockKey, (layout_id, block_hash)) for block_hash in block_hashes]

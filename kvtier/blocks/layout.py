@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 from kvtier.errors import LayoutError
 
@@ -60,6 +60,7 @@ class KVLayout:
     page_layout: str = "LBHNC"  # the engine's physical order, one of PAGE_LAYOUTS
     kv_format: str = "kv_concat"  # one of KV_FORMATS
     extra: tuple[tuple[str, str], ...] = field(default=())  # anything else that changes the bytes
+    _layout_id: str = field(init=False, repr=False, compare=False)  # computed once, in __post_init__
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -79,6 +80,7 @@ class KVLayout:
             raise LayoutError(f"unknown page layout {self.page_layout!r}; expected one of {PAGE_LAYOUTS}")
         if self.kv_format not in KV_FORMATS:
             raise LayoutError(f"unknown kv_format {self.kv_format!r}; expected one of {KV_FORMATS}")
+        object.__setattr__(self, "_layout_id", hashlib.sha256(self.canonical_json()).hexdigest()[:LAYOUT_ID_HEX_DIGITS])
 
     @property
     def element_size(self) -> int:
@@ -97,14 +99,15 @@ class KVLayout:
 
     def canonical_json(self) -> bytes:
         """The exact bytes ``layout_id`` hashes (sorted keys, compact separators, ``v`` = 1)."""
-        fields = asdict(self)
-        fields["extra"] = [list(pair) for pair in sorted(self.extra)]
-        fields["v"] = 1
-        return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        described = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        described["extra"] = [list(pair) for pair in sorted(self.extra)]
+        described["v"] = 1
+        return json.dumps(described, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
     @property
     def layout_id(self) -> str:
-        return hashlib.sha256(self.canonical_json()).hexdigest()[:LAYOUT_ID_HEX_DIGITS]
+        """16 hex digits of SHA-256 over :meth:`canonical_json` (docs/block-identity.md)."""
+        return self._layout_id
 
 
 _HEX_DIGITS = frozenset("0123456789abcdef")

@@ -476,7 +476,8 @@ class TierChain:
     # ---- leases ------------------------------------------------------------------------------
 
     def acquire(self, keys: Sequence[BlockKey], ttl_s: float | None = None) -> Lease:
-        """Pin the leading run of ``keys`` that is in host memory; the lease lists them.
+        """Pin the leading run of ``keys`` that is in host memory; the lease lists them and where
+        their bytes are.
 
         Counted as reads: a host hit per pinned block, a host miss where the run stops early.
         """
@@ -484,10 +485,12 @@ class TierChain:
             self._check_open()
             self._expire_leases_locked()
             pinned: list[BlockKey] = []
+            locations: list[tuple[Slot, int]] = []
             host = self._states[HOST]
             for key in keys:
                 record = self._records.get(key)
-                if record is None or not record.in_tier(HOST):
+                slot = self.host.location(key) if record is not None and record.in_tier(HOST) else None
+                if slot is None or record.checksum is None:
                     host.counters.misses += 1  # the run stops at the first block not in host memory
                     break
                 record.pins += 1
@@ -495,18 +498,10 @@ class TierChain:
                 host.counters.hits += 1
                 host.counters.bytes_out += record.nbytes
                 pinned.append(key)
-            lease = Lease(next(self._lease_ids), tuple(pinned), self._clock() + (ttl_s or self.config.lease_ttl_s))
+                locations.append((slot, record.checksum))
+            lease = Lease(next(self._lease_ids), tuple(pinned), self._clock() + (ttl_s or self.config.lease_ttl_s), tuple(locations))
             self._leases[lease.lease_id] = lease
             return lease
-
-    def host_location(self, key: BlockKey) -> tuple[Slot, int] | None:
-        """Slot and checksum of a host copy; stable only while the caller holds a pin on it."""
-        with self._lock:
-            record = self._records.get(key)
-            if record is None or not record.in_tier(HOST) or record.checksum is None:
-                return None
-            slot = self.host.location(key)
-            return None if slot is None else (slot, record.checksum)
 
     def release(self, lease_id: int) -> None:
         with self._lock:

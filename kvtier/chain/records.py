@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvtier.blocks.keys import BlockKey
+from kvtier.tiers.host import Slot
 
 
 @dataclass(slots=True)
@@ -32,8 +33,12 @@ class BlockRecord:
 
 @dataclass(slots=True)
 class Lease:
-    """Pins on host copies of ``keys`` until released or ``expires_at`` (chain clock seconds)."""
+    """Pins on host copies of ``keys`` until released or ``expires_at`` (chain clock seconds).
+
+    ``locations[i]`` is the arena slot and recorded XXH3-64 checksum of ``keys[i]``'s host copy;
+    the slot's bytes stay put while the lease holds."""
 
     lease_id: int
     keys: tuple[BlockKey, ...]
     expires_at: float
+    locations: tuple[tuple[Slot, int], ...] = ()

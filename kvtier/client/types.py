@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from kvtier.chain.stats import ChainStats
 
@@ -23,8 +24,7 @@ class RegisteredLayout:
     daemon_instance: str  # changes when the daemon restarts
 
 
-@dataclass(frozen=True, slots=True)
-class Reservation:
+class Reservation(NamedTuple):  # tuples: built per block, cheaply
     block_hash: bytes
     status: ReserveStatus
     offset: int  # arena offset of the slot (RESERVED only)
@@ -32,8 +32,7 @@ class Reservation:
     reservation_id: int
 
 
-@dataclass(frozen=True, slots=True)
-class LeasedBlock:
+class LeasedBlock(NamedTuple):
     block_hash: bytes
     offset: int
     nbytes: int

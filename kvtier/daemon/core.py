@@ -11,6 +11,9 @@ Invariants:
   ``reservation_ttl_s`` / the lease TTL, reclaimed by :meth:`DaemonCore.reap`, so nothing leaks.
 - A batch (commit, abort) is checked whole before anything is applied: an unknown id fails the
   call and changes nothing.
+- Arena offsets are only handed to a client that mapped this daemon's arena: a reserve or acquire
+  naming another ``daemon_instance`` (the client registered with a daemon that has since
+  restarted) fails with :class:`LayoutError`, since its writes would land in a stale file.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
-from kvtier.blocks.hashing import BLOCK_HASH_BYTES
-from kvtier.blocks.keys import BlockKey
+from kvtier.blocks.keys import BlockKey, keys_for
 from kvtier.blocks.layout import KVLayout
 from kvtier.chain import ChainStats, TierChain
 from kvtier.config import DaemonConfig
@@ -44,8 +47,7 @@ class ReserveOutcome:
     slot: Slot | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class LeasedSlot:
+class LeasedSlot(NamedTuple):  # a tuple: cheap to build per block, and msgpack sends it as an array
     block_hash: bytes
     offset: int
     nbytes: int
@@ -109,12 +111,7 @@ class DaemonCore:
             raise InvalidRequestError(
                 f"{len(block_hashes)} blocks in one request; the limit is {self.config.max_blocks_per_request}"
             )
-        for index, block_hash in enumerate(block_hashes):
-            if len(block_hash) != BLOCK_HASH_BYTES:
-                raise InvalidRequestError(
-                    f"block hash #{index} is {len(block_hash)} bytes; kvtier block hashes are {BLOCK_HASH_BYTES}"
-                )
-        return [BlockKey(layout_id, bytes(h)) for h in block_hashes]
+        return keys_for(layout_id, block_hashes)
 
     # ---- lookups and prefetch ----------------------------------------------------------------
 
@@ -139,8 +136,18 @@ class DaemonCore:
 
     # ---- writes ------------------------------------------------------------------------------
 
-    def reserve(self, client_id: str, layout_id: str, block_hashes: Sequence[bytes], block_nbytes: int = 0) -> list[ReserveOutcome]:
-        self._check_client(client_id)
+    def check_instance(self, daemon_instance: str) -> None:
+        """Refuse a client whose arena mapping belongs to an earlier run of the daemon (empty: unchecked)."""
+        if daemon_instance and daemon_instance != self.instance:
+            raise LayoutError(
+                "the daemon restarted since this client registered (its arena is a new file): "
+                "register the layout again and map the new arena"
+            )
+
+    def reserve(self, client_id: str, layout_id: str, block_hashes: Sequence[bytes], block_nbytes: int = 0,
+                *, daemon_instance: str = "") -> list[ReserveOutcome]:
+        self.check_client_id(client_id)
+        self.check_instance(daemon_instance)
         layout = self.layout(layout_id)
         if block_nbytes and block_nbytes != layout.block_nbytes:
             raise InvalidRequestError(
@@ -149,7 +156,7 @@ class DaemonCore:
         outcomes: list[ReserveOutcome] = []
         expires_at = self._clock() + self.config.reservation_ttl_s
         for key in self._keys(layout_id, block_hashes):
-            if self.chain.lookup([key]):
+            if self.chain.contains(key):
                 outcomes.append(ReserveOutcome(key.block_hash, ReserveStatus.ALREADY_PRESENT))
                 continue
             try:
@@ -175,37 +182,34 @@ class DaemonCore:
             return [self._reservations.pop(r).slot for r in reservation_ids]
 
     def commit(self, client_id: str, reservation_ids: Sequence[int]) -> int:
-        self._check_client(client_id)
+        self.check_client_id(client_id)
         for slot in self._take_reservations(client_id, reservation_ids):
             self.chain.commit(slot)
         return len(reservation_ids)
 
     def abort(self, client_id: str, reservation_ids: Sequence[int]) -> int:
-        self._check_client(client_id)
+        self.check_client_id(client_id)
         for slot in self._take_reservations(client_id, reservation_ids):
             self.chain.abort(slot)
         return len(reservation_ids)
 
     # ---- reads -------------------------------------------------------------------------------
 
-    def acquire(self, client_id: str, layout_id: str, block_hashes: Sequence[bytes], ttl_s: float = 0) -> AcquireOutcome:
-        self._check_client(client_id)
+    def acquire(self, client_id: str, layout_id: str, block_hashes: Sequence[bytes], ttl_s: float = 0,
+                *, daemon_instance: str = "") -> AcquireOutcome:
+        self.check_client_id(client_id)
+        self.check_instance(daemon_instance)
         keys = self._keys(layout_id, block_hashes)
         ttl_s = ttl_s or self.chain.config.lease_ttl_s
         lease = self.chain.acquire(keys, ttl_s)
-        slots = []
-        for key in lease.keys:
-            location = self.chain.host_location(key)
-            if location is None:  # cannot happen while pinned; stop the run rather than guess
-                break
-            slot, checksum = location
-            slots.append(LeasedSlot(key.block_hash, slot.offset, slot.nbytes, checksum))
+        slots = tuple([LeasedSlot(key.block_hash, slot.offset, slot.nbytes, checksum)
+                       for key, (slot, checksum) in zip(lease.keys, lease.locations)])
         with self._lock:
             self._leases[lease.lease_id] = _LeaseOwner(client_id, self._clock() + ttl_s)
-        return AcquireOutcome(lease.lease_id, tuple(slots), ttl_s)
+        return AcquireOutcome(lease.lease_id, slots, ttl_s)
 
     def release(self, client_id: str, lease_id: int) -> None:
-        self._check_client(client_id)
+        self.check_client_id(client_id)
         with self._lock:
             owner = self._leases.get(lease_id)
             if owner is None or owner.client_id != client_id:
@@ -254,8 +258,8 @@ class DaemonCore:
             self.chain.abort(reservation.slot)
 
     @staticmethod
-    def _check_client(client_id: str) -> None:
-        if not client_id or len(client_id) > 256:
+    def check_client_id(client_id: str) -> None:
+        if not isinstance(client_id, str) or not client_id or len(client_id) > 256:
             raise InvalidRequestError("client_id must be a non-empty string of at most 256 characters")
 
     # ---- stats -------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The node daemon process: the tier chain served over gRPC, with health, metrics and a reaper.
 
 Lifecycle: :meth:`DaemonServer.start` opens the tiers (the disk catalogue is rebuilt from what
-is on disk), maps the host arena, and starts listening on the Unix socket (and the TCP listener
-if configured). :meth:`DaemonServer.stop` (on SIGTERM or SIGINT) reports NOT_SERVING, stops
+is on disk), maps the host arena, and starts listening on the Unix socket, on the fast-path socket
+beside it (``<socket>.fast``, unless disabled) and on the TCP listener if configured. :meth:`DaemonServer.stop` (on SIGTERM or SIGINT) reports NOT_SERVING, stops
 taking calls, lets in-flight calls finish within ``grace_period_s``, flushes the write-back queue
 within ``flush_timeout_s``, closes the tiers and removes the socket and the arena file.
 
@@ -29,6 +29,7 @@ from kvtier.chain.factory import build_chain
 from kvtier.config import KVTierConfig
 from kvtier.daemon.auth import BearerTokenInterceptor, resolve_token, server_credentials
 from kvtier.daemon.core import DaemonCore
+from kvtier.daemon.fast_server import FastPathServer
 from kvtier.daemon.metrics import serve_metrics, stop_metrics
 from kvtier.daemon.servicer import DaemonServicer
 from kvtier.errors import ConfigError
@@ -51,6 +52,10 @@ def socket_is_live(path: Path) -> bool:
             return False
 
 
+def fast_socket_path_for(socket_path: Path) -> Path:
+    return socket_path.with_name(socket_path.name + ".fast")
+
+
 def arena_name_for(socket_path: Path) -> str:
     digest = hashlib.sha256(str(socket_path.resolve()).encode()).hexdigest()[:12]
     return f"kvtier-{digest}-arena"
@@ -60,24 +65,29 @@ class DaemonServer:
     def __init__(self, config: KVTierConfig) -> None:
         self.config = config
         self.socket_path = Path(config.daemon.socket_path)
+        self.fast_socket_path = fast_socket_path_for(self.socket_path) if config.daemon.fast_path else None
         self._stopped = threading.Event()
         self._servers: list[grpc.Server] = []
         self._metrics_server: object | None = None
         self._reaper: threading.Thread | None = None
+        self._fast_server: FastPathServer | None = None
         self.tcp_port: int | None = None
         self.core: DaemonCore | None = None
 
     # ---- start -------------------------------------------------------------------------------
 
     def _prepare_socket_folder(self) -> None:
-        if len(str(self.socket_path)) > MAX_UNIX_PATH:
-            raise ConfigError(f"daemon.socket_path is {len(str(self.socket_path))} characters; Unix sockets allow {MAX_UNIX_PATH}")
-        folder = self.socket_path.parent
-        folder.mkdir(parents=True, exist_ok=True, mode=0o750)
-        if self.socket_path.exists():
-            if socket_is_live(self.socket_path):
-                raise ConfigError(f"a kvtier daemon is already listening on {self.socket_path}")
-            self.socket_path.unlink()  # left behind by a daemon that was killed
+        paths = [self.socket_path] + ([self.fast_socket_path] if self.fast_socket_path else [])
+        for path in paths:
+            if len(str(path)) > MAX_UNIX_PATH:
+                raise ConfigError(f"daemon.socket_path gives the socket {path}, {len(str(path))} characters; Unix sockets "
+                                  f"allow {MAX_UNIX_PATH}{' (the fast path adds .fast)' if path != self.socket_path else ''}")
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        for path in paths:
+            if path.exists():
+                if socket_is_live(path):
+                    raise ConfigError(f"a kvtier daemon is already listening on {path}")
+                path.unlink()  # left behind by a daemon that was killed
 
     def _host_settings(self):
         host = self.config.host
@@ -100,7 +110,7 @@ class DaemonServer:
         self._prepare_socket_folder()
         chain = build_chain(self.config, host=self._host_settings())
         self.core = DaemonCore(chain, daemon_config)
-        servicer = DaemonServicer(self.core, daemon_config.node)
+        servicer = DaemonServicer(self.core, daemon_config.node, str(self.fast_socket_path or ""))
         self._health = health.HealthServicer()
         options = [
             ("grpc.max_receive_message_length", daemon_config.max_message_bytes),
@@ -115,6 +125,10 @@ class DaemonServer:
             finally:
                 os.umask(old_umask)
             os.chmod(self.socket_path, 0o660)
+            if self.fast_socket_path is not None:
+                self._fast_server = FastPathServer(self.core, self.fast_socket_path, max_message_bytes=daemon_config.max_message_bytes,
+                                                   max_connections=daemon_config.max_local_connections)
+                self._fast_server.start()
             if daemon_config.tcp_address:
                 interceptors = (BearerTokenInterceptor(token),) if token else ()
                 remote = self._new_server(servicer, options, interceptors)
@@ -133,7 +147,8 @@ class DaemonServer:
         self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._reaper = threading.Thread(target=self._reap_loop, name="kvtier-reaper", daemon=True)
         self._reaper.start()
-        log.info("kvtier daemon serving on %s%s", self.socket_path,
+        log.info("kvtier daemon serving on %s%s%s", self.socket_path,
+                 f" (fast path {self.fast_socket_path})" if self.fast_socket_path else "",
                  f" and {daemon_config.tcp_address}" if daemon_config.tcp_address else "")
 
     def _new_server(self, servicer: DaemonServicer, options: list, interceptors: tuple) -> grpc.Server:
@@ -158,6 +173,9 @@ class DaemonServer:
 
     def _shutdown_servers(self, grace: float) -> None:
         events = [server.stop(grace) for server in self._servers]
+        if self._fast_server is not None:
+            self._fast_server.stop(grace)
+            self._fast_server = None
         for event in events:
             event.wait()
         self._servers.clear()

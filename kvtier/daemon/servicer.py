@@ -1,7 +1,7 @@
 """gRPC servicer of the daemon API: wire messages <-> DaemonCore calls.
 
-The only module that imports generated types besides the client, and the one place where
-kvtier errors become gRPC status codes (``_STATUS_OF``).
+The only module that imports generated types besides the client; kvtier errors become gRPC
+status codes named by ``kvtier.daemon.status``.
 """
 
 from __future__ import annotations
@@ -16,31 +16,14 @@ import grpc
 
 from kvtier import __version__
 from kvtier.daemon.core import DaemonCore, ReserveStatus
-from kvtier.daemon.wire import layout_from_proto
 from kvtier.daemon.metrics import RPC_LATENCY
-from kvtier.errors import (
-    ConfigError,
-    InvalidRequestError,
-    KVTierError,
-    LayoutError,
-    LeaseError,
-    TierFullError,
-    TierUnavailableError,
-)
+from kvtier.daemon.status import status_name_of
+from kvtier.daemon.wire import layout_from_proto
+from kvtier.errors import KVTierError
 from kvtier.v1 import daemon_pb2 as pb
 from kvtier.v1 import daemon_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-# Most specific first.
-_STATUS_OF: tuple[tuple[type[KVTierError], grpc.StatusCode], ...] = (
-    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (LayoutError, grpc.StatusCode.FAILED_PRECONDITION),
-    (LeaseError, grpc.StatusCode.NOT_FOUND),
-    (TierFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (TierUnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
-)
 
 _RESERVE_STATUS = {
     ReserveStatus.RESERVED: pb.RESERVED,
@@ -49,13 +32,6 @@ _RESERVE_STATUS = {
 }
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
-
-
-def status_code_of(error: KVTierError) -> grpc.StatusCode:
-    for error_type, code in _STATUS_OF:
-        if isinstance(error, error_type):
-            return code
-    return grpc.StatusCode.INTERNAL
 
 
 def _rpc(handler: Handler) -> Handler:
@@ -69,9 +45,8 @@ def _rpc(handler: Handler) -> Handler:
         try:
             return handler(self, request, context)
         except KVTierError as exc:
-            status = status_code_of(exc)
-            code = status.name
-            context.abort(status, str(exc))
+            code = status_name_of(exc)
+            context.abort(grpc.StatusCode[code], str(exc))
         except Exception:
             code = "INTERNAL"
             log.exception("%s failed", method)
@@ -83,9 +58,10 @@ def _rpc(handler: Handler) -> Handler:
 
 
 class DaemonServicer(pb_grpc.KVTierDaemonServicer):
-    def __init__(self, core: DaemonCore, node: str) -> None:
+    def __init__(self, core: DaemonCore, node: str, fast_socket_path: str = "") -> None:
         self.core = core
         self.node = node
+        self.fast_socket_path = fast_socket_path  # advertised to clients; empty when disabled
 
     @_rpc
     def RegisterLayout(self, request: pb.RegisterLayoutRequest, context: grpc.ServicerContext) -> pb.RegisterLayoutResponse:
@@ -97,6 +73,7 @@ class DaemonServicer(pb_grpc.KVTierDaemonServicer):
             arena_path=str(arena.path),
             arena_nbytes=arena.nbytes,
             daemon_instance=self.core.instance,
+            fast_socket_path=self.fast_socket_path,
         )
 
     @_rpc
@@ -105,7 +82,8 @@ class DaemonServicer(pb_grpc.KVTierDaemonServicer):
 
     @_rpc
     def Reserve(self, request: pb.ReserveRequest, context: grpc.ServicerContext) -> pb.ReserveResponse:
-        outcomes = self.core.reserve(request.client_id, request.layout_id, request.block_hashes, request.block_nbytes)
+        outcomes = self.core.reserve(request.client_id, request.layout_id, request.block_hashes, request.block_nbytes,
+                                     daemon_instance=request.daemon_instance)
         results = []
         for outcome in outcomes:
             slot = None
@@ -129,7 +107,8 @@ class DaemonServicer(pb_grpc.KVTierDaemonServicer):
 
     @_rpc
     def Acquire(self, request: pb.AcquireRequest, context: grpc.ServicerContext) -> pb.AcquireResponse:
-        outcome = self.core.acquire(request.client_id, request.layout_id, request.block_hashes, request.ttl_ms / 1000)
+        outcome = self.core.acquire(request.client_id, request.layout_id, request.block_hashes, request.ttl_ms / 1000,
+                                    daemon_instance=request.daemon_instance)
         return pb.AcquireResponse(
             lease_id=outcome.lease_id,
             slots=[pb.Slot(block_hash=s.block_hash, offset=s.offset, nbytes=s.nbytes, checksum=s.checksum) for s in outcome.slots],

@@ -68,18 +68,20 @@ class RegisterLayoutRequest(_message.Message):
     def __init__(self, layout: _Optional[_Union[LayoutDescriptor, _Mapping]] = ..., expected_layout_id: _Optional[str] = ...) -> None: ...
 
 class RegisterLayoutResponse(_message.Message):
-    __slots__ = ("layout_id", "block_nbytes", "arena_path", "arena_nbytes", "daemon_instance")
+    __slots__ = ("layout_id", "block_nbytes", "arena_path", "arena_nbytes", "daemon_instance", "fast_socket_path")
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_NBYTES_FIELD_NUMBER: _ClassVar[int]
     ARENA_PATH_FIELD_NUMBER: _ClassVar[int]
     ARENA_NBYTES_FIELD_NUMBER: _ClassVar[int]
     DAEMON_INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    FAST_SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
     layout_id: str
     block_nbytes: int
     arena_path: str
     arena_nbytes: int
     daemon_instance: str
-    def __init__(self, layout_id: _Optional[str] = ..., block_nbytes: _Optional[int] = ..., arena_path: _Optional[str] = ..., arena_nbytes: _Optional[int] = ..., daemon_instance: _Optional[str] = ...) -> None: ...
+    fast_socket_path: str
+    def __init__(self, layout_id: _Optional[str] = ..., block_nbytes: _Optional[int] = ..., arena_path: _Optional[str] = ..., arena_nbytes: _Optional[int] = ..., daemon_instance: _Optional[str] = ..., fast_socket_path: _Optional[str] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("layout_id", "block_hashes")
@@ -110,16 +112,18 @@ class Slot(_message.Message):
     def __init__(self, block_hash: _Optional[bytes] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., reservation_id: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("client_id", "layout_id", "block_hashes", "block_nbytes")
+    __slots__ = ("client_id", "layout_id", "block_hashes", "block_nbytes", "daemon_instance")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    DAEMON_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     layout_id: str
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     block_nbytes: int
-    def __init__(self, client_id: _Optional[str] = ..., layout_id: _Optional[str] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., block_nbytes: _Optional[int] = ...) -> None: ...
+    daemon_instance: str
+    def __init__(self, client_id: _Optional[str] = ..., layout_id: _Optional[str] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., block_nbytes: _Optional[int] = ..., daemon_instance: _Optional[str] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
     __slots__ = ("results",)
@@ -164,16 +168,18 @@ class AbortResponse(_message.Message):
     def __init__(self, aborted: _Optional[int] = ...) -> None: ...
 
 class AcquireRequest(_message.Message):
-    __slots__ = ("client_id", "layout_id", "block_hashes", "ttl_ms")
+    __slots__ = ("client_id", "layout_id", "block_hashes", "ttl_ms", "daemon_instance")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    DAEMON_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     layout_id: str
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     ttl_ms: int
-    def __init__(self, client_id: _Optional[str] = ..., layout_id: _Optional[str] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+    daemon_instance: str
+    def __init__(self, client_id: _Optional[str] = ..., layout_id: _Optional[str] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., ttl_ms: _Optional[int] = ..., daemon_instance: _Optional[str] = ...) -> None: ...
 
 class AcquireResponse(_message.Message):
     __slots__ = ("lease_id", "slots", "expires_in_ms")

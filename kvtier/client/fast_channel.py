@@ -1,0 +1,131 @@
+"""The client's end of the daemon's fast path (``kvtier.daemon.fast_server``): pooled Unix-socket
+connections carrying msgpack frames.
+
+Thread-safe: a call takes an idle connection from the pool (or opens one and says Hello) and
+returns it when the reply has arrived, so concurrent callers never share a connection and each
+connection carries one request at a time. A connection that times out or breaks is closed, never
+reused: a late reply must not be read as the answer to the next request. Connections live as
+long as the channel; the daemon ends the client's session (releasing its leases and
+reservations) when the last one closes.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from typing import Any
+
+from kvtier.client.status import error_for_status
+from kvtier.daemon.fast_wire import PROTOCOL_VERSION, FrameReader, FrameTooLargeError, encode
+from kvtier.errors import DaemonError, DaemonUnavailableError, InvalidRequestError
+
+# Replies are bounded by the daemon's own limit; this only guards against a broken peer.
+_MAX_REPLY_BYTES = 1 << 30
+
+
+class _Connection:
+    """One socket with its frame reader. Timeouts are the kernel's (SO_RCVTIMEO/SO_SNDTIMEO) on a
+    blocking socket, which costs no extra poll() per read the way Python's socket timeouts do."""
+
+    def __init__(self, path: str, timeout_s: float) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.reader = FrameReader(self.sock, _MAX_REPLY_BYTES)
+        self.timeout_s = -1.0
+        self.set_timeout(timeout_s)
+        self.sock.connect(path)
+
+    def set_timeout(self, timeout_s: float) -> None:
+        if timeout_s != self.timeout_s:
+            seconds = int(timeout_s)
+            timeval = struct.pack("ll", seconds, int((timeout_s - seconds) * 1e6))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            self.timeout_s = timeout_s
+
+    def exchange(self, frame: bytes, op: str, path: str) -> dict[str, Any]:
+        try:
+            self.sock.sendall(frame)
+            reply = self.reader.receive()
+        except BlockingIOError:  # SO_RCVTIMEO / SO_SNDTIMEO expired
+            raise DaemonUnavailableError(f"{op}: the daemon did not answer within {self.timeout_s}s", code="DEADLINE_EXCEEDED") from None
+        except (OSError, FrameTooLargeError, InvalidRequestError) as exc:
+            raise DaemonUnavailableError(f"{op}: the connection to the daemon at {path} broke ({exc})", code="UNAVAILABLE") from None
+        if reply is None:
+            raise DaemonUnavailableError(f"{op}: the daemon at {path} closed the connection", code="UNAVAILABLE")
+        if not ("ok" in reply and isinstance(reply["ok"], dict)) and "error" not in reply:
+            raise DaemonUnavailableError(f"{op}: the daemon sent a reply this client cannot read: {sorted(reply)}", code="UNAVAILABLE")
+        return reply
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class FastChannel:
+    def __init__(self, path: str, client_id: str, daemon_instance: str, timeout_s: float) -> None:
+        self.path = path
+        self.client_id = client_id
+        self.daemon_instance = daemon_instance
+        self.timeout_s = timeout_s
+        self.max_message_bytes = _MAX_REPLY_BYTES  # lowered to the daemon's limit by the first Hello
+        self._lock = threading.Lock()
+        self._idle: list[_Connection] = []
+        self._closed = False
+
+    def call(self, op: str, fields: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+        """Send one request and return its ``ok`` map; raise the kvtier error of a failure."""
+        frame = encode({"op": op, **fields})
+        connection = self._take()
+        if len(frame) - 4 > self.max_message_bytes:
+            self._give_back(connection)
+            raise DaemonError(f"{op}: a {len(frame) - 4}-byte request exceeds the daemon's {self.max_message_bytes}-byte "
+                              "limit (daemon.max_message_bytes); send fewer blocks per call", code="RESOURCE_EXHAUSTED")
+        try:
+            connection.set_timeout(timeout_s or self.timeout_s)
+            reply = connection.exchange(frame, op, self.path)
+        except BaseException:
+            connection.close()
+            raise
+        self._give_back(connection)
+        if "error" in reply:
+            raise error_for_status(str(reply["error"]), f"{op}: {reply.get('message', reply['error'])}")
+        return reply["ok"]
+
+    def _take(self) -> _Connection:
+        with self._lock:
+            if self._closed:
+                raise DaemonUnavailableError("the client was closed", code="UNAVAILABLE")
+            if self._idle:
+                return self._idle.pop()
+        return self._open()
+
+    def _give_back(self, connection: _Connection) -> None:
+        with self._lock:
+            if not self._closed:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def _open(self) -> _Connection:
+        try:
+            connection = _Connection(self.path, self.timeout_s)
+        except OSError as exc:
+            raise DaemonUnavailableError(f"cannot reach the daemon's fast path at {self.path}: {exc}", code="UNAVAILABLE") from None
+        hello = {"op": "Hello", "protocol": PROTOCOL_VERSION, "client_id": self.client_id, "daemon_instance": self.daemon_instance}
+        try:
+            reply = connection.exchange(encode(hello), "Hello", self.path)
+        except BaseException:
+            connection.close()
+            raise
+        if "error" in reply:
+            connection.close()
+            raise error_for_status(str(reply["error"]), f"Hello: {reply.get('message', reply['error'])}")
+        self.max_message_bytes = int(reply["ok"].get("max_message_bytes", _MAX_REPLY_BYTES))
+        return connection
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
