@@ -1,4 +1,5 @@
-"""Bad input gets a clear gRPC status and the daemon keeps serving."""
+"""Bad input gets a clear status and the daemon keeps serving, over gRPC and over the fast path
+(whose raw-frame cases are in test_fast_path.py)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from tests.daemon.conftest import LAYOUT, DaemonProcess, free_port
 HASHES = hash_prompt(list(range(16 * 4)), 16)
 
 
-@pytest.fixture
-def client(daemon: DaemonProcess):
-    with daemon.client() as client:
+@pytest.fixture(params=[True, False], ids=["fast-path", "grpc"])
+def client(daemon: DaemonProcess, request: pytest.FixtureRequest):
+    with daemon.client(fast_path=request.param) as client:
         client.register_layout(LAYOUT)
+        assert client.fast_path_active is request.param
         yield client
         assert client.health(), "the daemon must still be serving"
         assert client.lookup(LAYOUT.layout_id, HASHES[:1]) in ([], ["host"])
@@ -73,6 +75,7 @@ def test_a_client_cannot_touch_another_clients_slots(daemon: DaemonProcess, clie
     reservation = client.reserve(LAYOUT.layout_id, HASHES[2:3])[0]
     assert reservation.status is ReserveStatus.RESERVED
     with daemon.client(client_id="intruder") as other:
+        other.register_layout(LAYOUT)
         with pytest.raises(InvalidRequestError):
             other.commit([reservation.reservation_id])
     client.abort([reservation.reservation_id])

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvtier.blocks import hash_prompt
@@ -91,10 +92,12 @@ def test_concurrent_clients_write_and_read_verified(daemon: DaemonProcess) -> No
         assert metrics[("kvtier_active_leases", ())] == 0
 
 
-def test_lookup_reserve_commit_acquire_round_trip(daemon: DaemonProcess) -> None:
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "grpc"])
+def test_lookup_reserve_commit_acquire_round_trip(daemon: DaemonProcess, fast_path: bool) -> None:
     hashes = hash_prompt(list(range(16 * 6)), 16)
-    with daemon.client() as client:
+    with daemon.client(fast_path=fast_path) as client:
         reg = client.register_layout(LAYOUT)
+        assert client.fast_path_active is fast_path
         assert reg.layout_id == LAYOUT.layout_id and reg.block_nbytes == LAYOUT.block_nbytes
         assert client.lookup(reg.layout_id, hashes) == []
         statuses = client.write_blocks(reg.layout_id, {h: payload(h) for h in hashes[:4]})
@@ -109,9 +112,10 @@ def test_lookup_reserve_commit_acquire_round_trip(daemon: DaemonProcess) -> None
         assert client.read_blocks(reg.layout_id, hashes) == [payload(h) for h in hashes[:4]]
 
 
-def test_write_back_reaches_disk_and_prefetch_promotes(daemon: DaemonProcess) -> None:
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "grpc"])
+def test_write_back_reaches_disk_and_prefetch_promotes(daemon: DaemonProcess, fast_path: bool) -> None:
     hashes = hash_prompt(list(range(16 * 1200)), 16)  # 1200 x 8 KiB > 8 MiB host arena
-    with daemon.client() as client:
+    with daemon.client(fast_path=fast_path) as client:
         reg = client.register_layout(LAYOUT)
         for start in range(0, len(hashes), 100):
             statuses = client.write_blocks(reg.layout_id, {h: payload(h) for h in hashes[start:start + 100]})

@@ -55,6 +55,7 @@ def test_killed_client_loses_its_leases_and_reservations(daemon: DaemonProcess) 
         holder.send_signal(signal.SIGKILL)
         holder.wait()
         assert wait_until(lambda: client.stats().active_reservations == 0 and client.stats().chain.active_leases == 0)
+        assert daemon.wait_for_demotions()  # the daemon's own pins (blocks being written to disk) end too
         after = client.stats()
         assert after.chain.pinned_blocks == 0
         assert after.chain.tiers[0].used_bytes == used_with_reservations - 20 * LAYOUT.block_nbytes
