@@ -28,7 +28,7 @@ from pathlib import Path
 from benchmarks.common import Row, compare, gbps, repeats, run_benchmark
 from kvtier.blocks import KVLayout, hash_prompt, keys_for, payload_checksum
 from kvtier.chain import TierChain
-from kvtier.client import DaemonClient
+from kvtier.client import DaemonClient, ReserveStatus
 from kvtier.config import ChainConfig, HostTierConfig
 from kvtier.testing.daemon import LocalDaemon
 from kvtier.tiers.host import HostTier
@@ -139,6 +139,8 @@ def run(args) -> list[Row]:
             def put_daemon() -> None:
                 hs = batch_hashes(next(rounds))
                 reservations = client.reserve(reg.layout_id, hs, block_nbytes)
+                if any(r.status is not ReserveStatus.RESERVED for r in reservations):
+                    raise RuntimeError(f"daemon reserved only {sum(r.status is ReserveStatus.RESERVED for r in reservations)} of {batch}: {client.stats()}")
                 for r in reservations:
                     arena.view(r.offset, r.nbytes)[:] = data
                 client.commit([r.reservation_id for r in reservations])

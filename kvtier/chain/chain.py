@@ -203,8 +203,10 @@ class TierChain:
             try:
                 slot = self.host.reserve(key, nbytes)
             except TierFullError:
-                # Room by accounting but no slot of this size (slabs held by other sizes).
-                if not self._evict_one_locked(state):
+                # Room by accounting but no slot of this size: slabs are held by blocks of other
+                # sizes. Evicting in policy order could take a whole arena of small blocks to free
+                # one slab; empty the emptiest slab instead.
+                if not self._empty_a_slab_locked(state):
                     break
                 continue
             state.used_bytes += charge
@@ -233,33 +235,44 @@ class TierChain:
             victims.append(victim)
         return victims
 
+    def _evictable(self, state: _TierState, key: BlockKey, *, clean_only: bool) -> bool:
+        """Whether ``key`` may leave ``state``'s tier: unpinned, and with a copy below (clean) or,
+        as a last resort, any block of a lower tier or a settled host block (its demotion
+        failed or was skipped; evicting it drops the block)."""
+        record = self._records.get(key)
+        if record is None:
+            return False
+        if record.pins == 0 and record.held_below(state.index):
+            return True
+        return not clean_only and (state.index != HOST or (record.pins == 0 and record.settled))
+
     def _evict_one_locked(self, state: _TierState) -> BlockKey | None:
-        """Evict one block of ``state``: one with a copy below if possible, else (host: a
-        settled block whose demotion failed or was skipped; lower tiers: any block)."""
-        records = self._records
-        index = state.index
-
-        def clean(key: BlockKey) -> bool:
-            record = records[key]
-            return record.pins == 0 and record.held_below(index)
-
-        def last_resort(key: BlockKey) -> bool:
-            record = records[key]
-            return index != HOST or (record.pins == 0 and record.settled)
-
-        is_bottom = index == len(self._states) - 1
-        victim = None if is_bottom else state.policy.pop_victim(clean)
+        """Evict one block of ``state`` in policy order, preferring blocks with a copy below."""
+        is_bottom = state.index == len(self._states) - 1
+        victim = None if is_bottom else state.policy.pop_victim(lambda key: self._evictable(state, key, clean_only=True))
         if victim is None:
-            victim = state.policy.pop_victim(last_resort)
+            victim = state.policy.pop_victim(lambda key: self._evictable(state, key, clean_only=False))
             if victim is None:
                 return None
-            if not is_bottom and not records[victim].held_below(index):
-                state.counters.dropped += 1
+        self._evict_locked(state, victim)
+        return victim
+
+    def _empty_a_slab_locked(self, state: _TierState) -> bool:
+        """Evict every block of the emptiest host slab whose blocks may all be evicted; False if none can be emptied."""
+        for residents in self.host.slab_residents():
+            if all(self._evictable(state, key, clean_only=False) for key in residents):
+                for key in residents:
+                    self._evict_locked(state, key)
+                return True
+        return False
+
+    def _evict_locked(self, state: _TierState, victim: BlockKey) -> None:
+        if state.index < len(self._states) - 1 and not self._records[victim].held_below(state.index):
+            state.counters.dropped += 1
         self._forget_locked(state, victim)
         state.counters.evictions += 1
-        if index == HOST:
+        if state.index == HOST:
             self.host.delete(victim)
-        return victim
 
     def _forget_locked(self, state: _TierState, key: BlockKey) -> None:
         """Remove ``key`` from ``state``'s accounting and the record (no I/O)."""

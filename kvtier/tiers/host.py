@@ -12,6 +12,7 @@ Capacity is hard: the arena's size. A put that finds no free slot raises TierFul
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 import shutil
@@ -113,6 +114,21 @@ class HostTier(Tier):
         with self._lock:
             entry = self._reserved.get(slot.reservation)
             return None if entry is None else entry[0]
+
+    def slab_residents(self) -> Iterator[list[BlockKey]]:
+        """The committed blocks of each slab, emptiest slab first, skipping slabs that hold an
+        uncommitted reservation (those cannot be emptied now). Evicting all of one slab's blocks
+        returns its pages to the arena, for slots of any size."""
+        with self._lock:
+            slabs = self._allocator.slabs_emptiest_first()
+            reserved = [slot.offset for _, slot in self._reserved.values()]
+            by_offset = sorted((slot.offset, key) for key, slot in self._committed.items())
+        offsets = [offset for offset, _ in by_offset]
+        for start, end in slabs:
+            if any(start <= offset < end for offset in reserved):
+                continue
+            first, last = bisect.bisect_left(offsets, start), bisect.bisect_left(offsets, end)
+            yield [key for _, key in by_offset[first:last]]
 
     def slot_view(self, slot: Slot) -> memoryview:
         return self.arena.view(slot.offset, slot.nbytes)

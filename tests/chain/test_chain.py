@@ -234,3 +234,28 @@ def test_scan_resistance_of_s3fifo(tmp_path: Path) -> None:
             chain.close()
     assert survivors["s3fifo"] == 10
     assert survivors["lru"] < 10
+
+
+@pytest.mark.parametrize("eviction", ["lru", "s3fifo"])
+def test_a_larger_block_size_gets_room_in_an_arena_full_of_small_blocks(eviction: str) -> None:
+    """Slabs are carved per slot size: once small blocks hold every slab, a larger block needs a
+    whole slab emptied, which evicting one policy victim at a time (spread over all slabs)
+    rarely achieves. The chain empties the emptiest slab instead; pinned blocks stay."""
+    small, large = 4 * 1024, 256 * 1024
+    host = HostTier(HostTierConfig(capacity=16 * large, slab_size=large))  # 16 slabs of 64 small slots each
+    chain = TierChain([host], ChainConfig(eviction=eviction, lease_ttl_s=10), clock=FakeClock())
+    try:
+        for n in range(16 * 64):
+            chain.put(key(n), data(n, small))
+        assert tier_stats(chain, "host").blocks == 16 * 64
+        lease = chain.acquire([key(n) for n in range(0, 16 * 64, 64)])  # one pinned block in every slab but none
+        assert len(lease.keys) == 16
+        chain.release(lease.lease_id)
+        lease = chain.acquire([key(n) for n in range(64, 16 * 64, 64)])  # every slab but the first pinned
+        for n in range(3):
+            chain.put(key(10_000 + n), data(n, large))
+            assert chain.get(key(10_000 + n)) == data(n, large)
+        assert all(chain.get(k) is not None for k in lease.keys), "pinned blocks are never evicted"
+        chain.release(lease.lease_id)
+    finally:
+        chain.close()
