@@ -21,7 +21,6 @@ from kvtier.errors import InvalidRequestError
 
 PROTOCOL_VERSION = 1
 _LENGTH = struct.Struct("<I")
-MAX_FRAME_BYTES = 2**32 - 1
 
 
 class FrameTooLargeError(Exception):
