@@ -18,8 +18,10 @@ client library against a TierChain of the same size opened in this process:
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +64,61 @@ def latency_rows(name: str, daemon_call, direct_call, iterations: int, extra: di
                         unit="us", better="lower", bound="TierChain called in-process", extra=extra))
     return rows
 
+
+_FLOOR_CHILD = """
+import mmap, sys
+from kvtier.blocks import payload_checksum
+path, arena_nbytes, window_nbytes, block_nbytes = sys.argv[1], *map(int, sys.argv[2:])
+with open(path, "r+b") as f:
+    shared = memoryview(mmap.mmap(f.fileno(), arena_nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE))
+for line in sys.stdin:
+    base = int(line)
+    for offset in range(base, base + window_nbytes, block_nbytes):
+        payload_checksum(shared[offset:offset + block_nbytes])
+    sys.stdout.write("k\\n")
+    sys.stdout.flush()
+"""
+
+
+def two_process_floor(window_nbytes: int, block_nbytes: int, repeat: int) -> Row:
+    """What any two-process design pays here, without kvtier: one process writes a window of
+    blocks into a shared mapping and another checksums them (one round trip), against one process
+    doing both in its own mapping. Shows how much of the put gap is the machine's."""
+    arena_nbytes = 4 * window_nbytes
+    files = [tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="kvtier-floor-") for _ in range(2)]
+    for f in files:
+        os.posix_fallocate(f.fileno(), 0, arena_nbytes)
+    shared, local = (memoryview(mmap.mmap(f.fileno(), arena_nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)) for f in files)
+    checker = subprocess.Popen([sys.executable, "-c", _FLOOR_CHILD, files[0].name, str(arena_nbytes), str(window_nbytes), str(block_nbytes)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+    data = os.urandom(block_nbytes)
+    windows = iter(range(10**6))
+
+    def two_processes() -> None:
+        base = next(windows) % 4 * window_nbytes
+        for offset in range(base, base + window_nbytes, block_nbytes):
+            shared[offset:offset + block_nbytes] = data
+        checker.stdin.write(f"{base}\n")
+        checker.stdin.flush()
+        assert checker.stdout.readline() == "k\n"
+
+    def one_process() -> None:
+        base = next(windows) % 4 * window_nbytes
+        for offset in range(base, base + window_nbytes, block_nbytes):
+            local[offset:offset + block_nbytes] = data
+        for offset in range(base, base + window_nbytes, block_nbytes):
+            payload_checksum(local[offset:offset + block_nbytes])
+
+    try:
+        two_s, one_s = compare(two_processes, one_process, repeat=repeat)
+    finally:
+        checker.stdin.close()
+        checker.wait(30)
+        for f in files:
+            f.close()
+    return Row(f"floor: write+checksum {window_nbytes >> 20} MiB, two processes (no kvtier)", "put_throughput",
+               gbps(window_nbytes, two_s), gbps(window_nbytes, one_s), unit="GB/s",
+               bound="the same steps in one process", extra={"block_nbytes": block_nbytes})
 
 def run(args) -> list[Row]:
     rows: list[Row] = []
@@ -183,6 +240,7 @@ def run(args) -> list[Row]:
             get_s, get_bound_s = compare(get_daemon, get_direct, repeat=repeat)
             rows.append(Row(f"get {batch}x{block_nbytes >> 10}KiB", "get_throughput", gbps(total, get_s), gbps(total, get_bound_s),
                             unit="GB/s", target=target, bound="TierChain acquire/copy/verify in-process", extra={"block_nbytes": block_nbytes, "batch": batch}))
+        rows.append(two_process_floor(256 << 20, 2 << 20, repeat))
     finally:
         client.close()
         grpc_client.close()
