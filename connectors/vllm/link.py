@@ -4,6 +4,10 @@ A failed call (daemon down, slow, restarted) makes the link answer ``None`` at o
 ``retry_after_s`` instead of calling again, so a dead daemon costs the step loop nothing;
 after that it reconnects, registers its layouts again and maps the (new) arena.
 Callers treat ``None`` as a miss: the engine recomputes, it never waits and never fails.
+
+Connecting means gRPC calls and, in embedded mode, perhaps starting the daemon: a call made on
+the engine's step (``on_step=True``) never does it. If the link is not ready it answers ``None``
+and a background thread connects, so the step's only daemon cost is its own fast-path call.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from connectors.vllm.embedded import ensure_daemon
@@ -33,6 +38,8 @@ class DaemonLink:
         self._client: DaemonClient | None = None
         self._registered = False
         self._down_until = 0.0
+        self._connector = ThreadPoolExecutor(1, thread_name_prefix="kvtier-connect")
+        self._connecting: Future[bool] | None = None
 
     def _connect(self) -> DaemonClient:
         if self._client is None:
@@ -49,29 +56,45 @@ class DaemonLink:
         start-up, so no later call on the step loop pays for it. False if it is unavailable."""
         return self.call(lambda client: True) is not None
 
-    def call(self, operation: Callable[[DaemonClient], T]) -> T | None:
-        """Run ``operation`` against the daemon; None if it is unavailable (then skipped for a while)."""
+    def call(self, operation: Callable[[DaemonClient], T], *, on_step: bool = False) -> T | None:
+        """Run ``operation`` against the daemon; None if it is unavailable (then skipped for a while).
+
+        ``on_step``: the caller is the engine's step, which must not wait for a (re)connection."""
         if time.monotonic() < self._down_until:
             return None
         try:
-            with self._lock:
-                client = self._connect()
+            if on_step:
+                client = self._client
+                if client is None or not self._registered:
+                    self._connect_in_background()
+                    return None
+            else:
+                with self._lock:
+                    client = self._connect()
             try:
                 return operation(client)
             except LayoutError:
                 # The daemon restarted and forgot our layouts: register again, once.
+                self._registered = False  # a plain flag: never wait for the lock a reconnect holds
+                if on_step:
+                    self._connect_in_background()
+                    return None
                 with self._lock:
-                    self._registered = False
                     client = self._connect()
                 return operation(client)
         except KVTierError as exc:  # daemon down, slow, refusing: a miss
-            with self._lock:
-                self._registered = False
+            self._registered = False
             self._down_until = time.monotonic() + self.settings.retry_after_s
             log.warning("kvtier daemon call failed (%s); treating kvtier as a miss for %.0fs", exc, self.settings.retry_after_s)
             return None
 
+    def _connect_in_background(self) -> None:
+        """Start connecting on the link's own thread, unless that is under way (step thread only)."""
+        if self._connecting is None or self._connecting.done():
+            self._connecting = self._connector.submit(self.connect)
+
     def close(self) -> None:
+        self._connector.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             if self._client is not None:
                 try:

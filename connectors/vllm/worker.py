@@ -33,6 +33,7 @@ from connectors.vllm.stats import StatsInterval
 from kvtier.blocks import payload_checksum
 from kvtier.client import DaemonClient, ReserveStatus
 from kvtier.copy import describe_paged_kv, make_page_copier
+from kvtier.tiers.arena import SharedArena
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -63,7 +64,7 @@ class WorkerSide:
         self.paged: Any = None
         self.copier: Any = None
         self._host: torch.Tensor | None = None
-        self._host_arena: object | None = None
+        self._host_arena: SharedArena | None = None
         self._lock = threading.Condition()
         self._pending_saves: Counter[str] = Counter()
         self._save_reqs: set[str] = set()
@@ -120,7 +121,7 @@ class WorkerSide:
         """The arena as a uint8 tensor (re-mapped when the daemon restarted)."""
         arena = client.arena()
         if arena is not self._host_arena:
-            if self._host is not None and hasattr(self.copier, "unregister_host"):
+            if self._host is not None:
                 self.copier.unregister_host(self._host)  # CUDA: before the old mapping goes away
             self._host = torch.frombuffer(arena.buffer, dtype=torch.uint8)
             self._host_arena = arena
@@ -131,7 +132,7 @@ class WorkerSide:
     def start_load_kv(self, meta: KVTierConnectorMetadata) -> None:
         for spec in meta.loads:
             if not self.enabled:
-                self._fail(spec, spec.block_ids)
+                self._fail(spec.block_ids)
                 if spec.is_async:
                     self._mark_received(spec)
             elif spec.is_async:
@@ -170,10 +171,10 @@ class WorkerSide:
         def copy_in(client: DaemonClient) -> int:
             grant = client.acquire(self.layout.layout_id, list(spec.block_hashes))
             try:
-                host, arena = self._arena(client), client.arena()
+                host = self._arena(client)
                 good = 0
                 for block in grant.blocks:
-                    slot = arena.view(block.offset, block.nbytes)
+                    slot = self._host_arena.view(block.offset, block.nbytes)
                     if block.nbytes != self.paged.slot_nbytes or payload_checksum(slot) != block.checksum:
                         self.stats["load_corrupt"] += 1
                         break
@@ -186,12 +187,12 @@ class WorkerSide:
                 # Off the step, and not behind a long promotion on the loader thread.
                 self._releaser.submit(self.link.call, lambda c: c.release(grant.lease_id))
 
-        loaded = self.link.call(copy_in) or 0
+        loaded = self.link.call(copy_in, on_step=True) or 0
         self.stats["loaded_blocks"] += loaded
         if loaded < len(spec.block_ids):
-            self._fail(spec, spec.block_ids[loaded:])
+            self._fail(spec.block_ids[loaded:])
 
-    def _fail(self, spec: LoadSpec, block_ids: tuple[int, ...]) -> None:
+    def _fail(self, block_ids: tuple[int, ...]) -> None:
         self.stats["load_failed_blocks"] += len(block_ids)
         with self._lock:
             self._failed_block_ids.update(block_ids)
@@ -200,7 +201,12 @@ class WorkerSide:
 
     def wait_for_save(self, meta: KVTierConnectorMetadata) -> None:
         """Queue this step's saves; returns at once (the saver thread does the work)."""
-        if not self.enabled or not meta.saves:
+        if not meta.saves:
+            return
+        if not self.enabled:  # nothing will be saved, but the scheduler holds the blocks until we say so
+            with self._lock:
+                self._save_reqs.update(spec.req_id for spec in meta.saves)
+            self.stats["save_skipped_blocks"] += sum(len(spec.block_ids) for spec in meta.saves)
             return
         compute_done = None
         if self.paged.device.type == "cuda":

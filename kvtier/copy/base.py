@@ -138,6 +138,9 @@ class PageCopier(ABC):
     def _copy(self, kv: PagedKV, request: CopyRequest) -> CopyHandle:
         """Move the bytes of a validated, non-empty request."""
 
+    def unregister_host(self, host: torch.Tensor) -> None:  # noqa: B027 - optional hook
+        """Forget ``host`` before its memory is unmapped (backends that register host memory)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release what the copier holds (streams, host registrations). Idempotent."""
 

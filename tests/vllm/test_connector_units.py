@@ -42,3 +42,52 @@ def test_stats_report_only_what_changed() -> None:
 def test_worker_metadata_aggregates_committed_blocks() -> None:
     a, b = KVTierWorkerMetadata({b"x" * 16}), KVTierWorkerMetadata({b"y" * 16})
     assert a.aggregate(b).committed == {b"x" * 16, b"y" * 16}
+
+
+def test_a_disabled_worker_still_reports_its_requests_finished() -> None:
+    """A worker that cannot save (here: never given a KV cache that matches its layout) must
+    still tell the scheduler that requests' saves are done, or their blocks are never freed."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+
+    from connectors.vllm.metadata import KVTierConnectorMetadata, SaveSpec
+    from connectors.vllm.worker import WorkerSide
+
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float16)
+    kv_cache_config = KVCacheConfig(num_blocks=4, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
+    vllm_config = SimpleNamespace(model_config=SimpleNamespace(model="test/model", revision=None),
+                                  parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, rank=0),
+                                  cache_config=SimpleNamespace(cache_dtype="auto"))
+    worker = WorkerSide(vllm_config, kv_cache_config, settings_from(None))
+    assert not worker.enabled
+    worker.wait_for_save(KVTierConnectorMetadata(saves=[SaveSpec("r1", (0, 1), (b"a" * 16, b"b" * 16))]))
+    assert worker.get_finished({"r1"}) == ({"r1"}, None)
+    assert worker.stats["save_skipped_blocks"] == 2
+    worker.shutdown()
+
+
+def test_a_call_on_the_step_never_connects() -> None:
+    """Connecting means gRPC calls (in embedded mode: starting a daemon); the step must not wait
+    for that. A step call on a link that is not ready is a miss that starts a background connect."""
+    import tempfile
+    from pathlib import Path
+
+    from connectors.vllm.link import DaemonLink
+    from kvtier.blocks import KVLayout
+    from kvtier.testing.daemon import LocalDaemon, wait_until
+
+    root = Path(tempfile.mkdtemp(prefix="kvl-", dir="/tmp"))  # short: Unix socket paths are limited
+    daemon = LocalDaemon(root, env={"KVTIER_HOST_SLAB_SIZE": "1MiB"})
+    daemon.start()
+    layout = KVLayout(model="test/tiny", dtype="float16", num_layers=2, num_kv_heads=2, head_size=64, block_size=16)
+    link = DaemonLink(settings_from({"socket_path": str(daemon.socket_path)}), [layout], client_id="step-test")
+    try:
+        calls: list[str] = []
+        assert link.call(lambda client: calls.append("ran") or "ok", on_step=True) is None
+        assert calls == [], "the step call must not wait for the connection"
+        assert wait_until(lambda: link.call(lambda client: "ok", on_step=True) == "ok", timeout=30)
+    finally:
+        link.close()
+        daemon.stop()
