@@ -98,20 +98,6 @@ def time_once(fn: Callable[[], object], setup: Callable[[], object] | None = Non
     return time.perf_counter() - start
 
 
-def measure(
-    fn: Callable[[], object],
-    *,
-    repeat: int = 5,
-    warmup: int = 1,
-    stat: Stat = "median",
-    setup: Callable[[], object] | None = None,
-) -> float:
-    """Run ``fn`` ``warmup`` times untimed, then ``repeat`` times; the median (or best) seconds."""
-    for _ in range(warmup):
-        time_once(fn, setup)
-    return _reduce([time_once(fn, setup) for _ in range(repeat)], stat)
-
-
 def compare(
     candidate: Callable[[], object],
     bound: Callable[[], object],

@@ -3,7 +3,8 @@
 A real daemon process (``python -m kvtier serve``, host tier only) is measured through the
 client library against a TierChain of the same size opened in this process:
 
-- lookup latency (p50, p99) for 256 and 2,048 hashes: the daemon round trip vs the direct call;
+- lookup latency (p50, p99) for 256 and 2,048 hashes: the daemon round trip vs the direct call
+  (which, like the daemon, builds its block keys from the hashes on every call);
 - reserve+commit and acquire+release round trips (latency);
   each over the fast path (what the connector uses) and, for comparison, over gRPC;
 - put and get throughput of whole batches: through the daemon (reserve, copy into the shared
@@ -160,7 +161,7 @@ def run(args) -> list[Row]:
             scale = 1 if transport == "fast path" else 4  # gRPC calls are slow; fewer of them
             for count in (256, 2048):
                 rows += latency_rows(f"lookup {count} hashes{label}", lambda: daemon_client.lookup(reg.layout_id, hashes[:count]),
-                                     lambda: chain.lookup(keys[:count]), iterations // (4 if count > 256 else 1) // scale,
+                                     lambda: chain.lookup(keys_for(small.layout_id, hashes[:count])), iterations // (4 if count > 256 else 1) // scale,
                                      {"blocks": count, **extra})
 
             def reserve_commit_daemon() -> None:
@@ -172,7 +173,7 @@ def run(args) -> list[Row]:
             rows += latency_rows(
                 f"acquire+release 32 blocks{label}",
                 lambda: daemon_client.release(daemon_client.acquire(reg.layout_id, hashes[:32]).lease_id),
-                lambda: chain.release(chain.acquire(keys[:32]).lease_id),
+                lambda: chain.release(chain.acquire(keys_for(small.layout_id, hashes[:32])).lease_id),
                 iterations // scale, {"blocks": 32, **extra},
             )
 
@@ -231,7 +232,7 @@ def run(args) -> list[Row]:
                 client.release(grant.lease_id)
 
             def get_direct() -> None:
-                lease = chain.acquire(read_keys)
+                lease = chain.acquire(keys_for(layout.layout_id, read_hashes))
                 for slot, expected in lease.locations:
                     out[:] = chain.host.slot_view(slot)
                     assert payload_checksum(out) == expected

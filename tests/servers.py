@@ -37,6 +37,8 @@ from pathlib import Path
 
 from typing_extensions import Self
 
+from kvtier.testing.daemon import free_port
+
 MODES = ("pass", "error_503", "error_n_then_pass", "truncate_n_then_pass", "blackhole", "down")
 
 SLOW_DOWN_XML = (
@@ -51,13 +53,6 @@ _HOP_BY_HOP = frozenset(
 
 class ServerBinaryMissing(RuntimeError):
     """The server's executable is not installed."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _stop_process(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:

@@ -10,7 +10,7 @@ from kvtier.blocks.hashing import (
     hash_block,
     hash_prompt,
 )
-from kvtier.blocks.keys import BlockKey, block_key_of, keys_for, make_block_key
+from kvtier.blocks.keys import BlockKey, block_key_of, keys_for
 from kvtier.blocks.layout import KVLayout
 
 __all__ = [
@@ -25,6 +25,5 @@ __all__ = [
     "hash_block",
     "hash_prompt",
     "keys_for",
-    "make_block_key",
     "payload_checksum",
 ]

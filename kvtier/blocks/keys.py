@@ -25,9 +25,8 @@ class BlockKey(_BlockKeyFields):
     __slots__ = ()
 
     def __new__(cls, layout_id: str, block_hash: bytes) -> BlockKey:
-        if not isinstance(block_hash, bytes) or len(block_hash) != BLOCK_HASH_BYTES:
-            got = f"{len(block_hash)} bytes" if isinstance(block_hash, bytes) else f"a {type(block_hash).__name__}"
-            raise InvalidRequestError(f"block hash must be {BLOCK_HASH_BYTES} bytes, got {got}")
+        if not _is_block_hash(block_hash):
+            raise InvalidRequestError(f"block hash must be {BLOCK_HASH_BYTES} bytes, got {_described(block_hash)}")
         check_layout_id(layout_id)
         return tuple.__new__(cls, (layout_id, block_hash))
 
@@ -42,8 +41,12 @@ class BlockKey(_BlockKeyFields):
         return f"BlockKey({self.layout_id!r}, {self.block_hash!r})"
 
 
-def make_block_key(layout_id: str, block_hash: bytes) -> BlockKey:
-    return BlockKey(layout_id, bytes(block_hash))
+def _is_block_hash(value: object) -> bool:
+    return type(value) is bytes and len(value) == BLOCK_HASH_BYTES
+
+
+def _described(value: object) -> str:
+    return f"{len(value)} bytes" if isinstance(value, bytes) else f"a {type(value).__name__}"
 
 
 def block_key_of(text: str) -> BlockKey:
@@ -63,8 +66,7 @@ def keys_for(layout_id: str, block_hashes: Sequence[bytes]) -> list[BlockKey]:
     Raises :class:`InvalidRequestError` naming the first hash that is not ``BLOCK_HASH_BYTES`` bytes."""
     check_layout_id(layout_id)
     for index, block_hash in enumerate(block_hashes):
-        if type(block_hash) is not bytes or len(block_hash) != BLOCK_HASH_BYTES:
-            got = f"{len(block_hash)} bytes" if isinstance(block_hash, bytes) else f"a {type(block_hash).__name__}"
-            raise InvalidRequestError(f"block hash #{index} is {got}; kvtier block hashes are {BLOCK_HASH_BYTES} bytes")
+        if not _is_block_hash(block_hash):
+            raise InvalidRequestError(f"block hash #{index} is {_described(block_hash)}; kvtier block hashes are {BLOCK_HASH_BYTES} bytes")
     make = tuple.__new__
     return [make(BlockKey, (layout_id, block_hash)) for block_hash in block_hashes]

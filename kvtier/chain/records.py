@@ -41,4 +41,4 @@ class Lease:
     lease_id: int
     keys: tuple[BlockKey, ...]
     expires_at: float
-    locations: tuple[tuple[Slot, int], ...] = ()
+    locations: tuple[tuple[Slot, int], ...]

@@ -128,10 +128,8 @@ class DaemonClient:
     def reserve(self, layout_id: str, block_hashes: Sequence[bytes], block_nbytes: int = 0) -> list[Reservation]:
         if self._fast is not None:
             results = self._fast.call("Reserve", {"layout_id": layout_id, "block_hashes": list(block_hashes), "block_nbytes": block_nbytes})["results"]
-            return [
-                Reservation(h, _RESERVE_STATUS[r[0]], *r[1:]) if len(r) == 4 else Reservation(h, _RESERVE_STATUS[r[0]], 0, 0, 0)
-                for h, r in zip(block_hashes, results)
-            ]
+            # [status, offset, nbytes, reservation_id], or [status] when nothing was reserved
+            return [Reservation(h, _RESERVE_STATUS[r[0]], *(r[1:] or (0, 0, 0))) for h, r in zip(block_hashes, results)]
         reply = self._call("Reserve", pb.ReserveRequest(client_id=self.client_id, layout_id=layout_id, block_hashes=block_hashes,
                                                         block_nbytes=block_nbytes, daemon_instance=self._daemon_instance or ""))
         return [

@@ -29,6 +29,7 @@ class _Connection:
     blocking socket, which costs no extra poll() per read the way Python's socket timeouts do."""
 
     def __init__(self, path: str, timeout_s: float) -> None:
+        self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.reader = FrameReader(self.sock, _MAX_REPLY_BYTES)
         self.timeout_s = -1.0
@@ -43,16 +44,16 @@ class _Connection:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
             self.timeout_s = timeout_s
 
-    def exchange(self, frame: bytes, op: str, path: str) -> dict[str, Any]:
+    def exchange(self, frame: bytes, op: str) -> dict[str, Any]:
         try:
             self.sock.sendall(frame)
             reply = self.reader.receive()
         except BlockingIOError:  # SO_RCVTIMEO / SO_SNDTIMEO expired
             raise DaemonUnavailableError(f"{op}: the daemon did not answer within {self.timeout_s}s", code="DEADLINE_EXCEEDED") from None
         except (OSError, FrameTooLargeError, InvalidRequestError) as exc:
-            raise DaemonUnavailableError(f"{op}: the connection to the daemon at {path} broke ({exc})", code="UNAVAILABLE") from None
+            raise DaemonUnavailableError(f"{op}: the connection to the daemon at {self.path} broke ({exc})", code="UNAVAILABLE") from None
         if reply is None:
-            raise DaemonUnavailableError(f"{op}: the daemon at {path} closed the connection", code="UNAVAILABLE")
+            raise DaemonUnavailableError(f"{op}: the daemon at {self.path} closed the connection", code="UNAVAILABLE")
         if not ("ok" in reply and isinstance(reply["ok"], dict)) and "error" not in reply:
             raise DaemonUnavailableError(f"{op}: the daemon sent a reply this client cannot read: {sorted(reply)}", code="UNAVAILABLE")
         return reply
@@ -82,7 +83,7 @@ class FastChannel:
                               "limit (daemon.max_message_bytes); send fewer blocks per call", code="RESOURCE_EXHAUSTED")
         try:
             connection.set_timeout(timeout_s or self.timeout_s)
-            reply = connection.exchange(frame, op, self.path)
+            reply = connection.exchange(frame, op)
         except BaseException:
             connection.close()
             raise
@@ -113,7 +114,7 @@ class FastChannel:
             raise DaemonUnavailableError(f"cannot reach the daemon's fast path at {self.path}: {exc}", code="UNAVAILABLE") from None
         hello = {"op": "Hello", "protocol": PROTOCOL_VERSION, "client_id": self.client_id, "daemon_instance": self.daemon_instance}
         try:
-            reply = connection.exchange(encode(hello), "Hello", self.path)
+            reply = connection.exchange(encode(hello), "Hello")
         except BaseException:
             connection.close()
             raise

@@ -175,11 +175,11 @@ class SlabAllocator:
         else:
             klass.partial[slab.first_page] = slab
 
-    def slabs_emptiest_first(self) -> list[tuple[int, int]]:
-        """``(start, end)`` byte ranges of the slabs in use, fewest used slots first: the cheapest
-        ones to empty when a slot size needs a slab and no pages are free."""
+    def slab_offsets_emptiest_first(self) -> list[int]:
+        """Start offsets of the slabs in use, fewest used slots first: the cheapest ones to empty
+        when a slot size needs a slab and no pages are free."""
         slabs = sorted(self._owner.values(), key=lambda slab: slab.used)
-        return [(slab.first_page * self.page_nbytes, (slab.first_page + slab.npages) * self.page_nbytes) for slab in slabs]
+        return [slab.first_page * self.page_nbytes for slab in slabs]
 
     def _slab_of(self, offset: int) -> _Slab:
         page = offset // self.page_nbytes

@@ -120,15 +120,13 @@ class HostTier(Tier):
         uncommitted reservation (those cannot be emptied now). Evicting all of one slab's blocks
         returns its pages to the arena, for slots of any size."""
         with self._lock:
-            slabs = self._allocator.slabs_emptiest_first()
-            reserved = [slot.offset for _, slot in self._reserved.values()]
-            by_offset = sorted((slot.offset, key) for key, slot in self._committed.items())
-        offsets = [offset for offset, _ in by_offset]
-        for start, end in slabs:
-            if any(start <= offset < end for offset in reserved):
-                continue
-            first, last = bisect.bisect_left(offsets, start), bisect.bisect_left(offsets, end)
-            yield [key for _, key in by_offset[first:last]]
+            order = self._allocator.slab_offsets_emptiest_first()
+            starts = sorted(order)
+            residents: dict[int, list[BlockKey]] = {start: [] for start in starts}
+            for key, slot in self._committed.items():
+                residents[starts[bisect.bisect_right(starts, slot.offset) - 1]].append(key)
+            busy = {starts[bisect.bisect_right(starts, slot.offset) - 1] for _, slot in self._reserved.values()}
+        return (residents[start] for start in order if start not in busy)
 
     def slot_view(self, slot: Slot) -> memoryview:
         return self.arena.view(slot.offset, slot.nbytes)

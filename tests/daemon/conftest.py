@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -12,9 +13,14 @@ import pytest
 from kvtier.blocks import KVLayout
 from kvtier.testing.daemon import LocalDaemon, free_port
 
-__all__ = ["LAYOUT", "DaemonProcess", "free_port"]
+__all__ = ["LAYOUT", "DaemonProcess", "free_port", "payload"]
 
 LAYOUT = KVLayout(model="test/tiny", dtype="float16", num_layers=2, num_kv_heads=2, head_size=64, block_size=16)  # 8 KiB blocks
+
+
+def payload(block_hash: bytes) -> bytes:
+    """The bytes a test stores under ``block_hash``: distinct per block, reproducible."""
+    return random.Random(block_hash).randbytes(LAYOUT.block_nbytes)
 
 
 TEST_ENV = {

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvtier.blocks import hash_prompt
 from kvtier.client import ReserveStatus
-from tests.daemon.conftest import LAYOUT, DaemonProcess
+from tests.daemon.conftest import LAYOUT, DaemonProcess, payload
 
 WRITER = textwrap.dedent(
     """
@@ -51,12 +51,6 @@ def scrape(daemon: DaemonProcess) -> dict[tuple[str, tuple], float]:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
-
-
-def payload(block_hash: bytes) -> bytes:
-    import random
-
-    return random.Random(block_hash).randbytes(LAYOUT.block_nbytes)
 
 
 def test_socket_is_not_world_accessible(daemon: DaemonProcess) -> None:

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from kvtier.client import DaemonClient, ReserveStatus
 from kvtier.client.fast_channel import FastChannel
 from kvtier.daemon.fast_wire import PROTOCOL_VERSION
 from kvtier.errors import DaemonUnavailableError, LayoutError
+from kvtier.testing.daemon import wait_until
 from tests.daemon.conftest import LAYOUT, DaemonProcess
-from tests.daemon.test_lifecycle import wait_until
 
 HASHES = hash_prompt(list(range(16 * 8)), 16)
 
@@ -207,6 +206,7 @@ def test_connections_beyond_the_limit_are_refused(daemon_root: Path) -> None:
         daemon.stop()
 
 
+@pytest.mark.timeout(60)  # a hang here would be the bug
 def test_a_daemon_that_never_answers_is_a_deadline_error(daemon_root: Path) -> None:
     path = daemon_root / "silent.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -215,11 +215,9 @@ def test_a_daemon_that_never_answers_is_a_deadline_error(daemon_root: Path) -> N
     accepted: list[socket.socket] = []
     threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
     channel = FastChannel(str(path), "client", "", timeout_s=0.3)
-    start = time.monotonic()
     with pytest.raises(DaemonUnavailableError) as info:
         channel.call("Lookup", {"layout_id": LAYOUT.layout_id, "block_hashes": []})
     assert info.value.code == "DEADLINE_EXCEEDED"
-    assert time.monotonic() - start < 10
     channel.close()
     listener.close()
 

@@ -3,16 +3,15 @@ still served (checksums verified); SIGTERM flushes the write-back queue."""
 
 from __future__ import annotations
 
-import random
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 from kvtier.blocks import hash_prompt
 from kvtier.client import DaemonClient
-from tests.daemon.conftest import LAYOUT, DaemonProcess
+from kvtier.testing.daemon import wait_until
+from tests.daemon.conftest import LAYOUT, DaemonProcess, payload
 
 HOLDER = textwrap.dedent(
     """
@@ -30,19 +29,6 @@ HOLDER = textwrap.dedent(
     time.sleep(600)
     """
 )
-
-
-def payload(block_hash: bytes) -> bytes:
-    return random.Random(block_hash).randbytes(LAYOUT.block_nbytes)
-
-
-def wait_until(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_killed_client_loses_its_leases_and_reservations(daemon: DaemonProcess) -> None:

@@ -23,6 +23,7 @@ import pytest
 from kvtier.blocks import payload_checksum
 from kvtier.blocks.keys import block_key_of
 from kvtier.blocks.record import HEADER_NBYTES, decode_header, encode_header
+from kvtier.testing.daemon import free_port
 from kvtier.testing.workload import kvtier_connector_config as kvtier_config
 from tests.daemon.conftest import DaemonProcess
 from tests.vllm.conftest import EngineRun, make_random_prompts, run_engine_subprocess
@@ -321,7 +322,7 @@ def collect_events(tiny_model, workdir: Path, name: str, daemon: DaemonProcess, 
     import msgpack
     import zmq
 
-    port = __import__("tests.daemon.conftest", fromlist=["free_port"]).free_port()
+    port = free_port()
     context = zmq.Context()
     subscriber = context.socket(zmq.SUB)
     subscriber.bind(f"tcp://127.0.0.1:{port}")  # the engine publishes to it (a tcp://host endpoint connects)
