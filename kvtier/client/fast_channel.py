@@ -4,7 +4,9 @@ connections carrying msgpack frames.
 Thread-safe: a call takes an idle connection from the pool (or opens one and says Hello) and
 returns it when the reply has arrived, so concurrent callers never share a connection and each
 connection carries one request at a time. A connection that times out or breaks is closed, never
-reused: a late reply must not be read as the answer to the next request. Connections live as
+reused: a late reply must not be read as the answer to the next request. A pooled connection found
+broken is retried once on a new one, whose Hello tells a client of a restarted daemon to register
+again (:class:`LayoutError`) instead of reporting the daemon down. Connections live as
 long as the channel; the daemon ends the client's session (releasing its leases and
 reservations) when the last one closes.
 """
@@ -76,11 +78,26 @@ class FastChannel:
     def call(self, op: str, fields: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
         """Send one request and return its ``ok`` map; raise the kvtier error of a failure."""
         frame = encode({"op": op, **fields})
-        connection = self._take()
+        connection, reused = self._take()
         if len(frame) - 4 > self.max_message_bytes:
             self._give_back(connection)
             raise DaemonError(f"{op}: a {len(frame) - 4}-byte request exceeds the daemon's {self.max_message_bytes}-byte "
                               "limit (daemon.max_message_bytes); send fewer blocks per call", code="RESOURCE_EXHAUSTED")
+        try:
+            reply = self._exchange(connection, frame, op, timeout_s)
+        except DaemonUnavailableError as exc:
+            if not (reused and exc.code == "UNAVAILABLE"):
+                raise
+            # A pooled connection that broke (not one that timed out) most likely belonged to a
+            # daemon that has since restarted. A fresh connection says Hello again, and a restarted
+            # daemon answers that the arena changed (LayoutError: register again), not "down".
+            reply = self._exchange(self._open(), frame, op, timeout_s)
+        if "error" in reply:
+            raise error_for_status(str(reply["error"]), f"{op}: {reply.get('message', reply['error'])}")
+        return reply["ok"]
+
+    def _exchange(self, connection: _Connection, frame: bytes, op: str, timeout_s: float | None) -> dict[str, Any]:
+        """One request on ``connection``, which goes back to the pool if it answered and is closed if not."""
         try:
             connection.set_timeout(timeout_s or self.timeout_s)
             reply = connection.exchange(frame, op)
@@ -88,17 +105,19 @@ class FastChannel:
             connection.close()
             raise
         self._give_back(connection)
+        return reply
         if "error" in reply:
             raise error_for_status(str(reply["error"]), f"{op}: {reply.get('message', reply['error'])}")
         return reply["ok"]
 
-    def _take(self) -> _Connection:
+    def _take(self) -> tuple[_Connection, bool]:
+        """A connection, and whether it comes from the pool (it may have gone stale there)."""
         with self._lock:
             if self._closed:
                 raise DaemonUnavailableError("the client was closed", code="UNAVAILABLE")
             if self._idle:
-                return self._idle.pop()
-        return self._open()
+                return self._idle.pop(), True
+        return self._open(), False
 
     def _give_back(self, connection: _Connection) -> None:
         with self._lock:

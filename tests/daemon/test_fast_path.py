@@ -254,3 +254,17 @@ def test_stale_fast_path_connection_says_so(daemon: DaemonProcess) -> None:
         with pytest.raises(LayoutError, match="register the layout again"):
             channel.call("Lookup", {"layout_id": LAYOUT.layout_id, "block_hashes": []})
         channel.close()
+
+
+def test_a_client_of_a_restarted_daemon_is_told_to_register_again(daemon: DaemonProcess) -> None:
+    """Its pooled connections died with the old daemon; the call is retried on a new connection,
+    whose Hello names the old arena, so the client hears "register again" (what the connector's
+    link acts on at once), not "daemon down" (which would make it back off)."""
+    with daemon.client() as client:
+        client.register_layout(LAYOUT)
+        assert client.lookup(LAYOUT.layout_id, HASHES) == []  # a pooled connection now exists
+        daemon.restart()
+        with pytest.raises(LayoutError, match="register the layout again"):
+            client.lookup(LAYOUT.layout_id, HASHES)
+        client.register_layout(LAYOUT)
+        assert client.lookup(LAYOUT.layout_id, HASHES) == []
