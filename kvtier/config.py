@@ -57,7 +57,8 @@ class HostTierConfig(_Section):
     slab_size: ByteSize = Field(default=parse_size("16MiB"), gt=0)
     # Directory of the arena file; must be a memory filesystem (tmpfs) for speed.
     shm_dir: Path = Path("/dev/shm")
-    # Arena file name inside shm_dir; empty picks "kvtier-<pid>-arena".
+    # Arena file name inside shm_dir; empty picks "kvtier-<pid>-<n>-arena". Arena files of that
+    # form left by a kvtier process that died are removed at start.
     name: str = ""
     # Map every arena page at start (about 0.5 s per GiB) rather than take a page fault on each
     # page's first use while serving.

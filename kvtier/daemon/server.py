@@ -7,8 +7,9 @@ taking calls, lets in-flight calls finish within ``grace_period_s``, flushes the
 within ``flush_timeout_s``, closes the tiers and removes the socket and the arena file.
 
 The arena file's name derives from the socket path, so a daemon restarted after a crash finds
-the stale file of its predecessor and replaces it (after checking that no daemon answers on the
-socket). Nothing in the arena survives a restart; the disk and S3 tiers do.
+the stale file of its predecessor and replaces it; arena files of other dead kvtier processes in
+the same folder are removed too (``kvtier.tiers.arena``: a dead owner's lock is free). Nothing in
+the arena survives a restart; the disk and S3 tiers do.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from kvtier.daemon.fast_server import FastPathServer
 from kvtier.daemon.metrics import serve_metrics, stop_metrics
 from kvtier.daemon.servicer import DaemonServicer
 from kvtier.errors import ConfigError
+from kvtier.tiers.arena import SharedArena
 from kvtier.v1 import daemon_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,16 @@ def fast_socket_path_for(socket_path: Path) -> Path:
 def arena_name_for(socket_path: Path) -> str:
     digest = hashlib.sha256(str(socket_path.resolve()).encode()).hexdigest()[:12]
     return f"kvtier-{digest}-arena"
+
+
+def log_arena_pages(arena: SharedArena, prefaulted: bool) -> None:
+    """Say what pages back the arena: on 4 KiB pages copies are slower, and on VMs their speed
+    varies by tens of percent from one region of memory to the next."""
+    huge = arena.huge_page_bytes()
+    log.info("host arena %s: %d MiB, %d MiB of it on huge pages", arena.path, arena.nbytes >> 20, huge >> 20)
+    if prefaulted and huge < arena.nbytes // 2:
+        log.info("for faster copies put the host arena on huge pages: point host.shm_dir at a tmpfs mounted "
+                 "huge=always or at hugetlbfs (docs/host-arena.md)")
 
 
 class DaemonServer:
@@ -91,12 +103,7 @@ class DaemonServer:
 
     def _host_settings(self):
         host = self.config.host
-        name = host.name or arena_name_for(self.socket_path)
-        stale = Path(host.shm_dir) / name
-        if stale.exists():
-            log.warning("removing the host arena %s left by a previous daemon", stale)
-            stale.unlink()
-        return host.model_copy(update={"name": name})
+        return host.model_copy(update={"name": host.name or arena_name_for(self.socket_path)})
 
     def start(self) -> None:
         daemon_config = self.config.daemon
@@ -150,6 +157,7 @@ class DaemonServer:
         log.info("kvtier daemon serving on %s%s%s", self.socket_path,
                  f" (fast path {self.fast_socket_path})" if self.fast_socket_path else "",
                  f" and {daemon_config.tcp_address}" if daemon_config.tcp_address else "")
+        log_arena_pages(chain.host.arena, prefaulted=self.config.host.prefault)
 
     def _new_server(self, servicer: DaemonServicer, options: list, interceptors: tuple) -> grpc.Server:
         server = grpc.server(

@@ -7,6 +7,17 @@ no header: which key lives at which offset is told by the owner (the daemon), ne
 the arena. Space is reserved with ``posix_fallocate`` at creation so a full ``/dev/shm`` fails
 then, with a clear error, instead of a ``SIGBUS`` on first touch.
 
+Ownership: the creating process holds an exclusive ``flock`` on the file for as long as it has it
+open; the kernel drops the lock when the process dies, however it dies. A file that matches
+:data:`ARENA_GLOB` and is not locked was therefore left behind by a dead owner (``SIGKILL``, OOM
+kill, a crashed container in the same pod), and :func:`remove_stale_arenas` removes it, since
+nothing else would and each one holds host memory. Clients that attach never lock.
+
+Pages: on a memory filesystem mounted ``huge=always`` or ``huge=advise`` (the arena asks for huge
+pages with ``MADV_HUGEPAGE``), or on hugetlbfs, the arena is backed by 2 MiB pages. On virtual
+machines 4 KiB-page memory can differ in copy speed by tens of percent from one region to the next;
+huge pages make it uniform and faster (see ``docs/host-arena.md``).
+
 Allocator: the arena is cut into pages of ``page_nbytes``. A *slab* serves one slot size (one
 layout's block size, rounded up to ``SLOT_ALIGN``) and is one page, or a run of contiguous pages
 for blocks larger than a page. Slots never straddle slabs, every slot offset is a multiple of
@@ -16,6 +27,8 @@ slots are all free returns its pages to the arena, so the split between layouts 
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -23,7 +36,10 @@ from pathlib import Path
 
 from kvtier.errors import ConfigError, TierFullError
 
+log = logging.getLogger(__name__)
+
 SLOT_ALIGN = 4096
+ARENA_GLOB = "kvtier-*-arena"  # the names kvtier gives arena files (see HostTier)
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -40,25 +56,22 @@ class SharedArena:
         self._fd = fd
         flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
         self._map = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            self._map.madvise(mmap.MADV_HUGEPAGE)  # honoured on huge=advise mounts; a no-op elsewhere
+        except (AttributeError, OSError):
+            pass  # no transparent huge pages in this kernel
         self.buffer = memoryview(self._map)
 
     @classmethod
     def create(cls, path: Path, nbytes: int, populate: bool = False) -> SharedArena:
-        """Create a new arena file of ``nbytes`` (fails if it exists), mode 0600.
+        """Create a new arena file of ``nbytes``, mode 0600, and hold its owner lock. A file of
+        that name left by a dead owner is replaced; one whose owner is alive is an error.
 
         ``populate`` maps every page now (``MAP_POPULATE``, about 0.5 s per GiB, once at start)
         instead of taking a page fault on each page's first touch while serving."""
         if nbytes <= 0:
             raise ConfigError(f"host arena size must be positive, got {nbytes}")
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise ConfigError(
-                f"arena file {path} already exists: another kvtier process owns it, or a crashed "
-                "one left it behind (remove it if no kvtier process is running)"
-            ) from None
-        except OSError as exc:
-            raise ConfigError(f"cannot create arena file {path}: {exc.strerror}") from exc
+        fd = _create_owned(path)
         try:
             os.fchmod(fd, 0o600)
             os.posix_fallocate(fd, 0, nbytes)
@@ -80,6 +93,11 @@ class SharedArena:
     def view(self, offset: int, nbytes: int) -> memoryview:
         return self.buffer[offset : offset + nbytes]
 
+    def huge_page_bytes(self) -> int:
+        """How many bytes of this process's mapping of the arena are on huge pages now (0 where
+        ``/proc/self/smaps`` is unavailable). Only pages touched so far count: see ``populate``."""
+        return huge_mapped_bytes(self.path)
+
     def close(self) -> None:
         """Unmap (and, for the owner, remove the file). Views still in use keep the map alive."""
         try:
@@ -87,12 +105,106 @@ class SharedArena:
             self._map.close()
         except BufferError:
             pass  # a caller still holds a view; the mapping goes away with it
-        os.close(self._fd)
         if self.owner:
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+        os.close(self._fd)  # drops the owner lock, after the name is gone
+
+
+_HUGE_FIELDS = ("ShmemPmdMapped:", "FilePmdMapped:", "Shared_Hugetlb:", "Private_Hugetlb:")
+
+
+def huge_mapped_bytes(path: Path, smaps: str = "/proc/self/smaps") -> int:
+    """Bytes on huge pages (transparent or hugetlbfs) in this process's mappings of ``path``."""
+    try:
+        text = Path(smaps).read_text()
+    except OSError:
+        return 0
+    total, inside = 0, False
+    suffix = f" {path}"
+    for line in text.splitlines():
+        if line[:1].isdigit() or line[:1] in "abcdef":  # a mapping's header: "start-end perms ... path"
+            inside = line.endswith(suffix)
+        elif inside and line.startswith(_HUGE_FIELDS):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def _create_owned(path: Path) -> int:
+    """Create ``path`` exclusively and take its owner lock; return the descriptor.
+
+    Between the create and the lock another process's :func:`_remove_if_stale` may lock and
+    unlink the new file; the name is then checked to still be ours, and the create retried."""
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            if _remove_if_stale(path):
+                continue
+            raise ConfigError(
+                f"arena file {path} belongs to a running kvtier process; give this one another "
+                "host.name or host.shm_dir"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot create arena file {path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _names(path, fd):
+                return fd
+        except BlockingIOError:
+            pass  # a sweeper holds it for a moment and will unlink it
+        os.close(fd)
+    raise ConfigError(f"cannot create arena file {path}: it keeps being replaced by another process")
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open on ``fd``."""
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _remove_if_stale(path: Path) -> bool:
+    """Unlink ``path`` if it is an arena file of this user whose owner lock is free (its owner
+    died). Return True if the name is free now."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # a symlink, or not ours to open: leave it
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # its owner is alive
+        if _names(path, fd):
+            os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_stale_arenas(directory: Path) -> int:
+    """Remove the arena files in ``directory`` that dead kvtier processes left behind (see the
+    module docstring); return how many bytes of memory that gave back."""
+    freed = 0
+    for path in directory.glob(ARENA_GLOB):
+        try:
+            nbytes = path.stat(follow_symlinks=False).st_size
+        except FileNotFoundError:
+            continue
+        if path.is_file() and _remove_if_stale(path) and not path.exists():
+            freed += nbytes
+            log.warning("removed %s (%d MiB), an arena left behind by a kvtier process that died", path, nbytes >> 20)
+    return freed
 
 
 @dataclass(slots=True)

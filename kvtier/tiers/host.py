@@ -25,7 +25,7 @@ from typing import ClassVar
 from kvtier.blocks.keys import BlockKey
 from kvtier.config import HostTierConfig
 from kvtier.errors import CorruptBlockError, InvalidRequestError, KVTierError
-from kvtier.tiers.arena import SharedArena, SlabAllocator
+from kvtier.tiers.arena import SharedArena, SlabAllocator, remove_stale_arenas
 from kvtier.tiers.base import Buffer, PutRequest, StoredBlock, Tier
 
 AUTO_CAPACITY_CAP = 64 * 1024**3
@@ -63,6 +63,7 @@ class HostTier(Tier):
     kind: ClassVar[str] = "host"
 
     def __init__(self, settings: HostTierConfig, name: str = "host") -> None:
+        remove_stale_arenas(settings.shm_dir)  # before sizing: they hold memory the arena may use
         capacity = settings.capacity or auto_host_capacity(settings.shm_dir, settings.slab_size)
         self._allocator = SlabAllocator(capacity, settings.slab_size)
         super().__init__(name, self._allocator.capacity_bytes)

@@ -57,9 +57,12 @@ def test_daemon_killed_and_restarted_serves_disk_blocks(daemon: DaemonProcess) -
         reg = client.register_layout(LAYOUT)
         client.write_blocks(reg.layout_id, {h: payload(h) for h in hashes})
         assert daemon.wait_for_demotions()
+    (old_arena,) = daemon.root.glob("kvtier-*-arena")
     daemon.stop(signal.SIGKILL)
-    assert daemon.socket_path.exists()  # left behind by the crash
-    daemon.start()  # replaces the stale socket and arena
+    assert daemon.socket_path.exists() and old_arena.exists()  # left behind by the crash
+    daemon.start()  # replaces the stale socket and removes the stale arena
+    assert list(daemon.root.glob("kvtier-*-arena")) == [old_arena]  # one arena: the old one's memory was given back
+    assert f"removed {old_arena}" in daemon.log()
     with daemon.client() as client:
         reg = client.register_layout(LAYOUT)
         assert client.lookup(reg.layout_id, hashes) == ["disk"] * len(hashes)

@@ -15,7 +15,7 @@ import pytest
 from kvtier.blocks.keys import BlockKey
 from kvtier.config import HostTierConfig
 from kvtier.errors import ConfigError, InvalidRequestError, TierFullError
-from kvtier.tiers.arena import SLOT_ALIGN, SlabAllocator
+from kvtier.tiers.arena import SLOT_ALIGN, SlabAllocator, huge_mapped_bytes
 from kvtier.tiers.host import HostTier, auto_host_capacity
 
 
@@ -139,10 +139,64 @@ def test_bad_settings_are_rejected(tmp_path) -> None:
         HostTier(HostTierConfig(capacity="1MiB", slab_size=5000))
     first = HostTier(HostTierConfig(capacity="1MiB", slab_size="1MiB", shm_dir=tmp_path, name="dup"))
     try:
-        with pytest.raises(ConfigError, match="already exists"):
+        with pytest.raises(ConfigError, match="belongs to a running kvtier process"):
             HostTier(HostTierConfig(capacity="1MiB", slab_size="1MiB", shm_dir=tmp_path, name="dup"))
     finally:
         first.close()
+
+
+ARENA_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from kvtier.config import HostTierConfig
+    from kvtier.tiers.host import HostTier
+    tier = HostTier(HostTierConfig(capacity="1MiB", slab_size="1MiB", shm_dir=Path(sys.argv[1]), name=sys.argv[2]))
+    print(tier.arena.path, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def hold_arena(directory: Path, name: str = "") -> tuple[subprocess.Popen, Path]:
+    holder = subprocess.Popen([sys.executable, "-c", ARENA_HOLDER, str(directory), name], stdout=subprocess.PIPE, text=True)
+    return holder, Path(holder.stdout.readline().strip())
+
+
+def test_arenas_of_killed_processes_are_removed_at_start_and_live_ones_kept(tmp_path) -> None:
+    (dead, dead_path), (alive, alive_path) = hold_arena(tmp_path), hold_arena(tmp_path)
+    dead_named, dead_named_path = hold_arena(tmp_path, "kvtier-fixed-arena")
+    unrelated = tmp_path / "kvtier-notes.txt"
+    unrelated.write_text("not an arena")
+    try:
+        for process in (dead, dead_named):
+            process.kill()
+            process.wait()
+        assert dead_path.exists() and dead_named_path.exists()  # nothing else would remove them
+        tier = HostTier(HostTierConfig(capacity="1MiB", slab_size="1MiB", shm_dir=tmp_path))
+        try:
+            assert not dead_path.exists() and not dead_named_path.exists()
+            assert alive_path.exists() and unrelated.exists()
+            # A live owner's arena cannot be taken over by name.
+            with pytest.raises(ConfigError, match="belongs to a running kvtier process"):
+                HostTier(HostTierConfig(capacity="1MiB", slab_size="1MiB", shm_dir=tmp_path, name=alive_path.name))
+        finally:
+            tier.close()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_a_stale_arena_of_the_configured_name_is_replaced(tmp_path) -> None:
+    holder, path = hold_arena(tmp_path, "my-arena")  # a name outside kvtier's pattern: only create replaces it
+    holder.kill()
+    holder.wait()
+    tier = HostTier(HostTierConfig(capacity="2MiB", slab_size="1MiB", shm_dir=tmp_path, name="my-arena"))
+    try:
+        assert tier.arena.path == path and path.stat().st_size == 2 << 20
+    finally:
+        tier.close()
+    assert not path.exists()
 
 
 def test_auto_capacity_fits_the_memory_filesystem(tmp_path) -> None:
@@ -152,3 +206,26 @@ def test_auto_capacity_fits_the_memory_filesystem(tmp_path) -> None:
     assert 0 < capacity <= 64 * 1024**3
     assert capacity % (16 << 20) == 0
     assert capacity <= shutil.disk_usage("/dev/shm").free
+
+
+def test_huge_page_bytes_counts_only_the_arenas_mappings(tmp_path) -> None:
+    arena = Path("/dev/shm/kvtier-abc-arena")
+    smaps = tmp_path / "smaps"
+    smaps.write_text(textwrap.dedent(
+        f"""\
+        7f0000000000-7f0040000000 rw-s 00000000 00:1a 123 {arena}
+        Size:            1048576 kB
+        KernelPageSize:        4 kB
+        ShmemPmdMapped:   524288 kB
+        FilePmdMapped:         0 kB
+        Shared_Hugetlb:        0 kB
+        VmFlags: rd wr sh mr mw me ms sd
+        7f0040000000-7f0040200000 rw-s 00000000 00:1b 124 /dev/hugepages/kvtier-abc-arena
+        Size:               2048 kB
+        Shared_Hugetlb:     2048 kB
+        ff0000000000-ff0000200000 rw-s 00000000 00:1a 125 {arena}
+        Shared_Hugetlb:     2048 kB
+        """
+    ))
+    assert huge_mapped_bytes(arena, smaps=str(smaps)) == (524288 + 2048) * 1024
+    assert huge_mapped_bytes(arena, smaps=str(tmp_path / "missing")) == 0
