@@ -32,6 +32,7 @@ from connectors.vllm.settings import ConnectorSettings
 from connectors.vllm.stats import StatsInterval
 from kvtier.blocks import payload_checksum
 from kvtier.client import DaemonClient, ReserveStatus
+from kvtier.client.commit_pipeline import COMMIT_CHUNK_BYTES
 from kvtier.copy import describe_paged_kv, make_page_copier
 from kvtier.tiers.arena import SharedArena
 
@@ -261,15 +262,16 @@ class WorkerSide:
             self.stats["save_no_space_blocks"] += sum(r.status is ReserveStatus.NO_SPACE for r in reservations)
             if not wanted:
                 return []
-            try:
+            # Copied and committed in chunks: the daemon checksums one chunk while the next is copied.
+            per_chunk = max(1, COMMIT_CHUNK_BYTES // self.paged.slot_nbytes)
+            with client.commit_pipeline([r for _, r in wanted]) as pipeline:
                 for event in compute_done:  # the forward that wrote these blocks has finished
                     event.synchronize()
                 host = self._arena(client)
-                self.copier.gather(self.paged, [b for b, _ in wanted], host, [r.offset for _, r in wanted]).wait()
-            except BaseException:
-                client.abort([r.reservation_id for _, r in wanted])
-                raise
-            client.commit([r.reservation_id for _, r in wanted])
+                for start in range(0, len(wanted), per_chunk):
+                    chunk = wanted[start:start + per_chunk]
+                    self.copier.gather(self.paged, [b for b, _ in chunk], host, [r.offset for _, r in chunk]).wait()
+                    pipeline.filled(r for _, r in chunk)
             return [r.block_hash for _, r in wanted]
 
         committed = self.link.call(copy_out)

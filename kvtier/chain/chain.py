@@ -33,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from kvtier.blocks.checksum import payload_checksum
 from kvtier.blocks.keys import BlockKey
-from kvtier.chain.records import BlockRecord, Lease
+from kvtier.chain.records import BlockRecord, Lease, NotReserved
 from kvtier.chain.stats import ChainStats, TierCounters, TierStats
 from kvtier.config import ChainConfig, WriteMode
 from kvtier.errors import (
@@ -149,6 +149,24 @@ class TierChain:
             except TierFullError:
                 self._states[HOST].counters.dropped += 1
                 raise
+
+    def reserve_absent(self, keys: Sequence[BlockKey], nbytes: int) -> list[Slot | NotReserved]:
+        """For each key, under one lock: a reserved host slot, or why none was reserved (the chain
+        holds the block already, in any tier; or no slot could be had, counted as ``dropped``)."""
+        results: list[Slot | NotReserved] = []
+        with self._lock:
+            self._check_open()
+            for key in keys:
+                record = self._records.get(key)
+                if record is not None and record.tiers != 0:
+                    results.append(NotReserved.PRESENT)
+                    continue
+                try:
+                    results.append(self._reserve_locked(key, nbytes))
+                except TierFullError:
+                    self._states[HOST].counters.dropped += 1
+                    results.append(NotReserved.NO_SPACE)
+        return results
 
     def commit(self, slot: Slot, checksum: int | None = None) -> BlockKey:
         """Make a reserved slot's bytes a visible block and schedule (or do) its demotion."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 from dataclasses import dataclass
 
 from kvtier.blocks.keys import BlockKey
@@ -42,3 +44,10 @@ class Lease:
     keys: tuple[BlockKey, ...]
     expires_at: float
     locations: tuple[tuple[Slot, int], ...]
+
+
+class NotReserved(Enum):
+    """Why :meth:`TierChain.reserve_absent` reserved no slot for a key."""
+
+    PRESENT = "present"  # the chain holds the block already (in some tier)
+    NO_SPACE = "no_space"  # every host slot is taken by pinned blocks or blocks awaiting demotion

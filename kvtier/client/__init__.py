@@ -1,6 +1,8 @@
 """Client of the node daemon."""
 
 from kvtier.client.client import DaemonClient
-from kvtier.client.types import DaemonStats, LeasedBlock, LeaseGrant, RegisteredLayout, Reservation, ReserveStatus
+from kvtier.client.commit_pipeline import CommitPipeline
+from kvtier.client.types import DaemonStats, LeasedBlock, LeaseGrant, PendingCommit, RegisteredLayout, Reservation, ReserveStatus
 
-__all__ = ["DaemonClient", "DaemonStats", "LeaseGrant", "LeasedBlock", "RegisteredLayout", "Reservation", "ReserveStatus"]
+__all__ = ["CommitPipeline", "DaemonClient", "DaemonStats", "LeaseGrant", "LeasedBlock", "PendingCommit", "RegisteredLayout",
+           "Reservation", "ReserveStatus"]

@@ -26,9 +26,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvtier.blocks.checksum import payload_checksum
 from kvtier.blocks.layout import KVLayout
 from kvtier.chain.stats import ChainStats, TierCounters, TierStats
+from kvtier.client.commit_pipeline import COMMIT_CHUNK_BYTES, CommitPipeline
 from kvtier.client.fast_channel import FastChannel
 from kvtier.client.status import error_for_status
-from kvtier.client.types import DaemonStats, LeasedBlock, LeaseGrant, RegisteredLayout, Reservation, ReserveStatus
+from kvtier.client.types import DaemonStats, LeasedBlock, LeaseGrant, PendingCommit, RegisteredLayout, Reservation, ReserveStatus
 from kvtier.daemon.wire import layout_to_proto
 from kvtier.errors import CorruptBlockError, LayoutError
 from kvtier.tiers.arena import SharedArena
@@ -138,9 +139,29 @@ class DaemonClient:
         ]
 
     def commit(self, reservation_ids: Sequence[int]) -> int:
+        return self.commit_async(reservation_ids).result()
+
+    def commit_async(self, reservation_ids: Sequence[int]) -> PendingCommit:
+        """Send a commit and return at once; its ``result()`` waits and returns the count
+        committed (or raises). The daemon checksums the slots meanwhile: see :meth:`commit_pipeline`."""
         if self._fast is not None:
-            return self._fast.call("Commit", {"reservation_ids": list(reservation_ids)})["committed"]
-        return self._call("Commit", pb.CommitRequest(client_id=self.client_id, reservation_ids=reservation_ids)).committed
+            pending = self._fast.start("Commit", {"reservation_ids": list(reservation_ids)})
+            return PendingCommit(lambda: pending.result()["committed"])
+        request = pb.CommitRequest(client_id=self.client_id, reservation_ids=reservation_ids)
+        future = self._stub.Commit.future(request, timeout=self.timeout_s, metadata=self._metadata)
+
+        def wait() -> int:
+            try:
+                return future.result().committed
+            except grpc.RpcError as exc:
+                raise error_for_status(exc.code().name, f"Commit: {exc.details() or exc.code().name}") from None
+
+        return PendingCommit(wait)
+
+    def commit_pipeline(self, reservations: Sequence[Reservation], chunk_nbytes: int = COMMIT_CHUNK_BYTES) -> CommitPipeline:
+        """Commit ``reservations`` chunk by chunk as the caller fills them (``filled(...)``), so the
+        daemon checksums one chunk while the caller copies the next (``kvtier.client.commit_pipeline``)."""
+        return CommitPipeline(self, reservations, chunk_nbytes)
 
     def abort(self, reservation_ids: Sequence[int]) -> int:
         if self._fast is not None:
@@ -208,22 +229,15 @@ class DaemonClient:
         return self._arena
 
     def write_blocks(self, layout_id: str, blocks: Mapping[bytes, bytes]) -> dict[bytes, ReserveStatus]:
-        """Store blocks through the arena: reserve, copy in place, commit. Returns each block's status."""
-        hashes = list(blocks)
-        reservations = self.reserve(layout_id, hashes)
+        """Store blocks through the arena: reserve, copy in place, commit (in chunks, overlapped
+        with the copy). Returns each block's status."""
+        reservations = self.reserve(layout_id, list(blocks))
         arena = self.arena()
-        committed = []
-        try:
+        with self.commit_pipeline(reservations) as pipeline:
             for reservation in reservations:
                 if reservation.status is ReserveStatus.RESERVED:
                     arena.view(reservation.offset, reservation.nbytes)[:] = blocks[reservation.block_hash]
-                    committed.append(reservation.reservation_id)
-        except BaseException:
-            if committed:
-                self.abort(committed)
-            raise
-        if committed:
-            self.commit(committed)
+                    pipeline.filled((reservation,))
         return {r.block_hash: r.status for r in reservations}
 
     def read_blocks(self, layout_id: str, block_hashes: Sequence[bytes]) -> list[bytes]:

@@ -47,10 +47,21 @@ class _Connection:
             self.timeout_s = timeout_s
 
     def exchange(self, frame: bytes, op: str) -> dict[str, Any]:
+        self.send(frame, op)
+        return self.receive(op)
+
+    def send(self, frame: bytes, op: str) -> None:
         try:
             self.sock.sendall(frame)
+        except BlockingIOError:  # SO_SNDTIMEO expired
+            raise DaemonUnavailableError(f"{op}: the daemon did not take the request within {self.timeout_s}s", code="DEADLINE_EXCEEDED") from None
+        except OSError as exc:
+            raise DaemonUnavailableError(f"{op}: the connection to the daemon at {self.path} broke ({exc})", code="UNAVAILABLE") from None
+
+    def receive(self, op: str) -> dict[str, Any]:
+        try:
             reply = self.reader.receive()
-        except BlockingIOError:  # SO_RCVTIMEO / SO_SNDTIMEO expired
+        except BlockingIOError:  # SO_RCVTIMEO expired
             raise DaemonUnavailableError(f"{op}: the daemon did not answer within {self.timeout_s}s", code="DEADLINE_EXCEEDED") from None
         except (OSError, FrameTooLargeError, InvalidRequestError) as exc:
             raise DaemonUnavailableError(f"{op}: the connection to the daemon at {self.path} broke ({exc})", code="UNAVAILABLE") from None
@@ -77,38 +88,33 @@ class FastChannel:
 
     def call(self, op: str, fields: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
         """Send one request and return its ``ok`` map; raise the kvtier error of a failure."""
+        return self.start(op, fields, timeout_s).result()
+
+    def start(self, op: str, fields: dict[str, Any], timeout_s: float | None = None) -> PendingReply:
+        """Send one request and return without waiting for its reply (:meth:`PendingReply.result`
+        waits). Its connection stays out of the pool until then, so other calls go on meanwhile."""
         frame = encode({"op": op, **fields})
-        connection, reused = self._take()
+        connection, reused = self._take()  # the first Hello tells max_message_bytes
         if len(frame) - 4 > self.max_message_bytes:
             self._give_back(connection)
             raise DaemonError(f"{op}: a {len(frame) - 4}-byte request exceeds the daemon's {self.max_message_bytes}-byte "
                               "limit (daemon.max_message_bytes); send fewer blocks per call", code="RESOURCE_EXHAUSTED")
         try:
-            reply = self._exchange(connection, frame, op, timeout_s)
+            self._send(connection, frame, op, timeout_s)
         except DaemonUnavailableError as exc:
             if not (reused and exc.code == "UNAVAILABLE"):
                 raise
-            # A pooled connection that broke (not one that timed out) most likely belonged to a
-            # daemon that has since restarted. A fresh connection says Hello again, and a restarted
-            # daemon answers that the arena changed (LayoutError: register again), not "down".
-            reply = self._exchange(self._open(), frame, op, timeout_s)
-        if "error" in reply:
-            raise error_for_status(str(reply["error"]), f"{op}: {reply.get('message', reply['error'])}")
-        return reply["ok"]
+            connection, reused = self._open(), False  # see PendingReply.result
+            self._send(connection, frame, op, timeout_s)
+        return PendingReply(self, connection, frame, op, timeout_s, reused)
 
-    def _exchange(self, connection: _Connection, frame: bytes, op: str, timeout_s: float | None) -> dict[str, Any]:
-        """One request on ``connection``, which goes back to the pool if it answered and is closed if not."""
+    def _send(self, connection: _Connection, frame: bytes, op: str, timeout_s: float | None) -> None:
         try:
             connection.set_timeout(timeout_s or self.timeout_s)
-            reply = connection.exchange(frame, op)
+            connection.send(frame, op)
         except BaseException:
             connection.close()
             raise
-        self._give_back(connection)
-        return reply
-        if "error" in reply:
-            raise error_for_status(str(reply["error"]), f"{op}: {reply.get('message', reply['error'])}")
-        return reply["ok"]
 
     def _take(self) -> tuple[_Connection, bool]:
         """A connection, and whether it comes from the pool (it may have gone stale there)."""
@@ -149,3 +155,46 @@ class FastChannel:
             idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
+
+
+class PendingReply:
+    """A request sent on its own connection whose reply has not been read yet."""
+
+    def __init__(self, channel: FastChannel, connection: _Connection, frame: bytes, op: str, timeout_s: float | None,
+                 reused: bool) -> None:
+        self._channel = channel
+        self._connection = connection
+        self._frame = frame
+        self._op = op
+        self._timeout_s = timeout_s
+        self._reused = reused
+
+    def result(self) -> dict[str, Any]:
+        """Wait for the reply (call once) and return its ``ok`` map; raise the kvtier error of a
+        failure. The connection goes back to the pool if it answered and is closed if not."""
+        channel, op = self._channel, self._op
+        try:
+            reply = self._connection.receive(op)
+        except DaemonUnavailableError as exc:
+            self._connection.close()
+            if not (self._reused and exc.code == "UNAVAILABLE"):
+                raise
+            # A pooled connection that broke (not one that timed out) most likely belonged to a
+            # daemon that has since restarted. A fresh connection says Hello again, and a restarted
+            # daemon answers that the arena changed (LayoutError: register again), not "down".
+            connection = channel._open()
+            channel._send(connection, self._frame, op, self._timeout_s)
+            try:
+                reply = connection.receive(op)
+            except BaseException:
+                connection.close()
+                raise
+            channel._give_back(connection)
+        except BaseException:
+            self._connection.close()
+            raise
+        else:
+            channel._give_back(self._connection)
+        if "error" in reply:
+            raise error_for_status(str(reply["error"]), f"{op}: {reply.get('message', reply['error'])}")
+        return reply["ok"]

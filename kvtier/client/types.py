@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
@@ -53,3 +54,14 @@ class DaemonStats:
     uptime_s: float
     node: str
     version: str
+
+
+class PendingCommit:
+    """A commit sent to the daemon and not yet answered."""
+
+    def __init__(self, wait: Callable[[], int]) -> None:
+        self._wait = wait
+
+    def result(self) -> int:
+        """Wait for the daemon's answer (call once); return how many blocks it committed."""
+        return self._wait()

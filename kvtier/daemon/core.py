@@ -28,9 +28,9 @@ from typing import NamedTuple
 
 from kvtier.blocks.keys import BlockKey, keys_for
 from kvtier.blocks.layout import KVLayout
-from kvtier.chain import ChainStats, TierChain
+from kvtier.chain import ChainStats, NotReserved, TierChain
 from kvtier.config import DaemonConfig
-from kvtier.errors import InvalidRequestError, LayoutError, LeaseError, TierFullError
+from kvtier.errors import InvalidRequestError, LayoutError, LeaseError
 from kvtier.tiers.host import Slot
 
 
@@ -155,18 +155,17 @@ class DaemonCore:
             )
         outcomes: list[ReserveOutcome] = []
         expires_at = self._clock() + self.config.reservation_ttl_s
-        for key in self._keys(layout_id, block_hashes):
-            if self.chain.contains(key):
-                outcomes.append(ReserveOutcome(key.block_hash, ReserveStatus.ALREADY_PRESENT))
-                continue
-            try:
-                slot = self.chain.reserve(key, layout.block_nbytes)
-            except TierFullError:
-                outcomes.append(ReserveOutcome(key.block_hash, ReserveStatus.NO_SPACE))
-                continue
-            with self._lock:
-                self._reservations[slot.reservation] = _Reservation(client_id, slot, expires_at)
-            outcomes.append(ReserveOutcome(key.block_hash, ReserveStatus.RESERVED, slot))
+        keys = self._keys(layout_id, block_hashes)
+        results = self.chain.reserve_absent(keys, layout.block_nbytes)
+        with self._lock:
+            for key, result in zip(keys, results):
+                if result is NotReserved.PRESENT:
+                    outcomes.append(ReserveOutcome(key.block_hash, ReserveStatus.ALREADY_PRESENT))
+                elif result is NotReserved.NO_SPACE:
+                    outcomes.append(ReserveOutcome(key.block_hash, ReserveStatus.NO_SPACE))
+                else:
+                    self._reservations[result.reservation] = _Reservation(client_id, result, expires_at)
+                    outcomes.append(ReserveOutcome(key.block_hash, ReserveStatus.RESERVED, result))
         return outcomes
 
     def _take_reservations(self, client_id: str, reservation_ids: Sequence[int]) -> list[Slot]:
