@@ -237,9 +237,18 @@ def write_results(name: str, rows: Iterable[Row | dict[str, Any]], directory: Pa
     return path
 
 
-def run_benchmark(name: str, description: str, run: Callable[[argparse.Namespace], list[Row]]) -> int:
-    """The main() of a benchmark: parse flags, run, print the table and targets, write results."""
-    args = make_parser(description).parse_args()
+def run_benchmark(
+    name: str,
+    description: str,
+    run: Callable[[argparse.Namespace], list[Row]],
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """The main() of a benchmark: parse flags (the common ones and ``add_arguments``'), run,
+    print the table and targets, write results."""
+    parser = make_parser(description)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args()
     rows = run(args)
     print_table(rows)
     summarize_targets(rows)

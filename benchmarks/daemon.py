@@ -9,12 +9,22 @@ client library against a TierChain of the same size opened in this process:
   each over the fast path (what the connector uses) and, for comparison, over gRPC;
 - put and get throughput of whole batches: through the daemon (reserve, copy into the shared
   arena, commit / acquire, copy out, verify the checksum, release) vs the same steps on the
-  chain directly. Target: the daemon path keeps at least 0.9 of the direct throughput for
+  chain directly. A put commits through the client's commit pipeline (what ``write_blocks`` and
+  the connector's saves use): the daemon checksums one 4 MiB chunk while the client copies the
+  next, which one process cannot do (the checksum holds the GIL). A second row commits once after
+  the whole copy, reported without a target, to show the serial cost. Target: the daemon path keeps at least 0.9 of the direct throughput for
   batches the size of real KV transfers (>= 32 MiB: a 1k-token prefix of a 1B model, 512 KiB
   blocks; 8B-class models have 2 MiB blocks). A smaller batch is reported without a target:
   there the daemon's fixed cost, two round trips of tens of microseconds, dominates.
 
-    python -m benchmarks.daemon [--quick]
+The two sides use different memory (the daemon's arena and the chain's own), and on a VM 4 KiB-page
+memory can differ in copy speed by tens of percent from one region to the next, whoever uses it.
+So each throughput case adds a ``memory`` row: the same copy+verify over the daemon's slots and
+over the chain's, in this process, with no daemon call. Where its ratio is far from 1 the put/get
+ratios measure memory placement, not the daemon; put both arenas on huge pages (``--shm-dir`` at a
+tmpfs mounted ``huge=always``, see ``scripts/mount_huge_shm.sh``), where memory is uniform.
+
+    python -m benchmarks.daemon [--quick] [--shm-dir DIR]
 """
 
 from __future__ import annotations
@@ -81,12 +91,12 @@ for line in sys.stdin:
 """
 
 
-def two_process_floor(window_nbytes: int, block_nbytes: int, repeat: int) -> Row:
+def two_process_floor(window_nbytes: int, block_nbytes: int, repeat: int, shm_dir: str) -> Row:
     """What any two-process design pays here, without kvtier: one process writes a window of
     blocks into a shared mapping and another checksums them (one round trip), against one process
     doing both in its own mapping. Shows how much of the put gap is the machine's."""
     arena_nbytes = 4 * window_nbytes
-    files = [tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="kvtier-floor-") for _ in range(2)]
+    files = [tempfile.NamedTemporaryFile(dir=shm_dir, prefix="kvtier-floor-") for _ in range(2)]
     for f in files:
         os.posix_fallocate(f.fileno(), 0, arena_nbytes)
     shared, local = (memoryview(mmap.mmap(f.fileno(), arena_nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)) for f in files)
@@ -125,10 +135,10 @@ def run(args) -> list[Row]:
     rows: list[Row] = []
     root = Path(tempfile.mkdtemp(prefix="kvb-", dir="/tmp"))
     daemon = LocalDaemon(root, host_capacity=HOST_CAPACITY, args=["--no-disk", "--no-metrics"],
-                         env={"KVTIER_HOST_SHM_DIR": "/dev/shm", "KVTIER_HOST_SLAB_SIZE": "64MiB"})
+                         env={"KVTIER_HOST_SHM_DIR": args.shm_dir, "KVTIER_HOST_SLAB_SIZE": "64MiB"})
     daemon.start()
     socket_path = daemon.socket_path
-    host = HostTier(HostTierConfig(capacity=HOST_CAPACITY, slab_size="64MiB"))
+    host = HostTier(HostTierConfig(capacity=HOST_CAPACITY, slab_size="64MiB", shm_dir=args.shm_dir))
     chain = TierChain([host], ChainConfig())
     client = DaemonClient(socket_path, timeout_s=30)
     grpc_client = DaemonClient(socket_path, timeout_s=30, fast_path=False, client_id="bench-grpc")
@@ -140,6 +150,8 @@ def run(args) -> list[Row]:
         grpc_client.register_layout(small)
         assert client.fast_path_active and not grpc_client.fast_path_active
         client.arena(populate=True)  # steady state: every page mapped, as in the in-process chain
+        huge = client.arena().huge_page_bytes() >= client.arena().nbytes // 2 and host.arena.huge_page_bytes() >= host.arena.nbytes // 2
+        pages = {"arena_pages": "2MiB" if huge else "4KiB"}
         hashes = hash_prompt(list(range(16 * 2048)), 16)
         keys = keys_for(small.layout_id, hashes)
         payload = os.urandom(small.block_nbytes)
@@ -194,11 +206,21 @@ def run(args) -> list[Row]:
             def batch_hashes(n: int) -> list[bytes]:
                 return hash_prompt([block_nbytes, batch, n] + list(range(16 * batch - 3)), 16)
 
-            def put_daemon() -> None:
-                hs = batch_hashes(next(rounds))
-                reservations = client.reserve(reg.layout_id, hs, block_nbytes)
+            def reserve_batch() -> list:
+                reservations = client.reserve(reg.layout_id, batch_hashes(next(rounds)), block_nbytes)
                 if any(r.status is not ReserveStatus.RESERVED for r in reservations):
                     raise RuntimeError(f"daemon reserved only {sum(r.status is ReserveStatus.RESERVED for r in reservations)} of {batch}: {client.stats()}")
+                return reservations
+
+            def put_daemon() -> None:  # the client's write path (write_blocks, the connector's saves)
+                reservations = reserve_batch()
+                with client.commit_pipeline(reservations) as pipeline:
+                    for r in reservations:
+                        arena.view(r.offset, r.nbytes)[:] = data
+                        pipeline.filled((r,))
+
+            def put_daemon_one_commit() -> None:
+                reservations = reserve_batch()
                 for r in reservations:
                     arena.view(r.offset, r.nbytes)[:] = data
                 client.commit([r.reservation_id for r in reservations])
@@ -211,11 +233,16 @@ def run(args) -> list[Row]:
                 for slot in slots:
                     chain.commit(slot)
 
-            put_s, put_bound_s = compare(put_daemon, put_direct, repeat=repeat)
             total = batch * block_nbytes
             target = 0.9 if total >= TARGET_MIN_BATCH_BYTES else None
+            put_s, put_bound_s = compare(put_daemon, put_direct, repeat=repeat)
             rows.append(Row(f"put {batch}x{block_nbytes >> 10}KiB", "put_throughput", gbps(total, put_s), gbps(total, put_bound_s),
-                            unit="GB/s", target=target, bound="TierChain reserve/copy/commit in-process", extra={"block_nbytes": block_nbytes, "batch": batch}))
+                            unit="GB/s", target=target, bound="TierChain reserve/copy/commit in-process",
+                            extra={"block_nbytes": block_nbytes, "batch": batch, "commit": "pipelined", **pages}))
+            put_s, put_bound_s = compare(put_daemon_one_commit, put_direct, repeat=repeat)
+            rows.append(Row(f"put {batch}x{block_nbytes >> 10}KiB, one commit", "put_throughput", gbps(total, put_s), gbps(total, put_bound_s),
+                            unit="GB/s", bound="TierChain reserve/copy/commit in-process",
+                            extra={"block_nbytes": block_nbytes, "batch": batch, "commit": "one, after the copy", **pages}))
 
             read_hashes = batch_hashes(10**7)
             client.write_blocks(reg.layout_id, {h: data for h in read_hashes})
@@ -240,8 +267,27 @@ def run(args) -> list[Row]:
 
             get_s, get_bound_s = compare(get_daemon, get_direct, repeat=repeat)
             rows.append(Row(f"get {batch}x{block_nbytes >> 10}KiB", "get_throughput", gbps(total, get_s), gbps(total, get_bound_s),
-                            unit="GB/s", target=target, bound="TierChain acquire/copy/verify in-process", extra={"block_nbytes": block_nbytes, "batch": batch}))
-        rows.append(two_process_floor(256 << 20, 2 << 20, repeat))
+                            unit="GB/s", target=target, bound="TierChain acquire/copy/verify in-process", extra={"block_nbytes": block_nbytes, "batch": batch, **pages}))
+
+            grant = client.acquire(reg.layout_id, read_hashes)
+            lease = chain.acquire(read_keys)
+            daemon_views = [(arena.view(block.offset, block.nbytes), block.checksum) for block in grant.blocks]
+            chain_views = [(chain.host.slot_view(slot), expected) for slot, expected in lease.locations]
+
+            def copy_verify(views) -> None:
+                for view, expected in views:
+                    out[:] = view
+                    assert payload_checksum(out) == expected
+
+            try:
+                daemon_memory_s, chain_memory_s = compare(lambda: copy_verify(daemon_views), lambda: copy_verify(chain_views), repeat=repeat)
+            finally:
+                del daemon_views, chain_views
+                client.release(grant.lease_id)
+                chain.release(lease.lease_id)
+            rows.append(Row(f"memory {batch}x{block_nbytes >> 10}KiB", "memory_throughput", gbps(total, daemon_memory_s), gbps(total, chain_memory_s),
+                            unit="GB/s", bound="copy+verify over the chain's slots, no daemon call", extra={"block_nbytes": block_nbytes, "batch": batch, **pages}))
+        rows.append(two_process_floor(256 << 20, 2 << 20, repeat, args.shm_dir))
     finally:
         client.close()
         grpc_client.close()
@@ -251,8 +297,13 @@ def run(args) -> list[Row]:
     return rows
 
 
+def add_arguments(parser) -> None:
+    parser.add_argument("--shm-dir", default="/dev/shm",
+                        help="memory filesystem of both arenas (default /dev/shm); a tmpfs mounted huge=always gives uniform memory")
+
+
 def main() -> int:
-    return run_benchmark("daemon", __doc__.splitlines()[0], run)
+    return run_benchmark("daemon", __doc__.splitlines()[0], run, add_arguments)
 
 
 if __name__ == "__main__":
