@@ -54,6 +54,11 @@ def _target_of(target: str | Path) -> str:
     return text  # host:port
 
 
+def _error_of(method: str, exc: grpc.RpcError) -> Exception:
+    """The kvtier error of a failed gRPC call."""
+    return error_for_status(exc.code().name, f"{method}: {exc.details() or exc.code().name}")
+
+
 class DaemonClient:
     """A connection to one daemon. Thread-safe (gRPC channels are); one per process is enough."""
 
@@ -90,7 +95,7 @@ class DaemonClient:
         try:
             return getattr(self._stub, method)(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise error_for_status(exc.code().name, f"{method}: {exc.details() or exc.code().name}") from None
+            raise _error_of(method, exc) from None
 
     # ---- control plane -----------------------------------------------------------------------
 
@@ -154,7 +159,7 @@ class DaemonClient:
             try:
                 return future.result().committed
             except grpc.RpcError as exc:
-                raise error_for_status(exc.code().name, f"Commit: {exc.details() or exc.code().name}") from None
+                raise _error_of("Commit", exc) from None
 
         return PendingCommit(wait)
 

@@ -104,9 +104,13 @@ class FastChannel:
         except DaemonUnavailableError as exc:
             if not (reused and exc.code == "UNAVAILABLE"):
                 raise
-            connection, reused = self._open(), False  # see PendingReply.result
-            self._send(connection, frame, op, timeout_s)
+            connection, reused = self._send_on_new_connection(frame, op, timeout_s), False  # see PendingReply.result
         return PendingReply(self, connection, frame, op, timeout_s, reused)
+
+    def _send_on_new_connection(self, frame: bytes, op: str, timeout_s: float | None) -> _Connection:
+        connection = self._open()
+        self._send(connection, frame, op, timeout_s)
+        return connection
 
     def _send(self, connection: _Connection, frame: bytes, op: str, timeout_s: float | None) -> None:
         try:
@@ -182,14 +186,8 @@ class PendingReply:
             # A pooled connection that broke (not one that timed out) most likely belonged to a
             # daemon that has since restarted. A fresh connection says Hello again, and a restarted
             # daemon answers that the arena changed (LayoutError: register again), not "down".
-            connection = channel._open()
-            channel._send(connection, self._frame, op, self._timeout_s)
-            try:
-                reply = connection.receive(op)
-            except BaseException:
-                connection.close()
-                raise
-            channel._give_back(connection)
+            connection = channel._send_on_new_connection(self._frame, op, self._timeout_s)
+            return PendingReply(channel, connection, self._frame, op, self._timeout_s, reused=False).result()
         except BaseException:
             self._connection.close()
             raise

@@ -201,7 +201,7 @@ def remove_stale_arenas(directory: Path) -> int:
             nbytes = path.stat(follow_symlinks=False).st_size
         except FileNotFoundError:
             continue
-        if path.is_file() and _remove_if_stale(path) and not path.exists():
+        if path.is_file() and _remove_if_stale(path):
             freed += nbytes
             log.warning("removed %s (%d MiB), an arena left behind by a kvtier process that died", path, nbytes >> 20)
     return freed
