@@ -1,20 +1,20 @@
 """The embedded default: a connector with no daemon address starts (or reuses) a local daemon.
 
-The daemon runs in its own session so it outlives the engine: a second engine on the node finds
-the blocks the first one saved. Starting is serialised with a file lock, so the scheduler and
-the workers (separate processes) never start two daemons on one socket.
+The daemon is started with ``kvtier serve --detach``, so it belongs to the machine, not to the
+engine: it is no descendant of any vLLM process (vLLM's shutdown kills those), it runs on every
+CPU the machine allows with none of the worker's thread settings (the worker pins itself to a
+core), and the next engine on the node finds it, host tier and all. ``kvtier stop`` stops it.
+Starting is serialised with a file lock, so the scheduler and the workers (separate processes)
+never start two daemons on one socket.
 """
 
 from __future__ import annotations
 
 import fcntl
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from kvtier.client import DaemonClient
 from kvtier.config import load_config
 from kvtier.daemon.server import socket_is_live
 from kvtier.errors import DaemonUnavailableError
@@ -35,22 +35,17 @@ def ensure_daemon(socket_path: Path | None, extra_args: list[str], timeout_s: fl
     with open(f"{path}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not socket_is_live(path):
-            log_path = path.parent / "kvtier-daemon.log"
-            with open(log_path, "ab") as log:
-                subprocess.Popen(
-                    [sys.executable, "-m", "kvtier", "serve", "--socket", str(path), *extra_args],
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    start_new_session=True, env=dict(os.environ),
-                )
-            _wait_healthy(path, timeout_s, log_path)
+            start_embedded_daemon(path, extra_args, timeout_s)
     return path
 
 
-def _wait_healthy(path: Path, timeout_s: float, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    with DaemonClient(path, timeout_s=1) as client:
-        while time.monotonic() < deadline:
-            if path.exists() and client.health():
-                return
-            time.sleep(0.1)
-    raise DaemonUnavailableError(f"the local kvtier daemon did not start within {timeout_s:.0f}s; see {log_path}")
+def start_embedded_daemon(path: Path, extra_args: list[str], timeout_s: float) -> None:
+    command = [sys.executable, "-m", "kvtier", "serve", "--detach", "--socket", str(path), "--cpu-affinity", "all",
+               "--start-timeout", str(timeout_s), *extra_args]
+    try:
+        result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s + 10)
+    except subprocess.TimeoutExpired:
+        raise DaemonUnavailableError(f"starting the local kvtier daemon took over {timeout_s:.0f}s") from None
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip()[-2000:]
+        raise DaemonUnavailableError(f"the local kvtier daemon did not start:\n{detail}")

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from kvtier import __version__
-from kvtier.cli import chain_demo, demo, serve, stats
+from kvtier.cli import chain_demo, demo, serve, stats, stop
 from kvtier.errors import KVTierError
 
 
@@ -19,12 +19,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(subparsers)
     chain_demo.add_parser(subparsers)
     serve.add_parser(subparsers)
+    stop.add_parser(subparsers)
     stats.add_parser(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `kvtier serve --detach` starts the same command line without --detach
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)

@@ -1,12 +1,20 @@
-"""``kvtier serve``: run the node daemon (embedded default: host arena + local disk, no S3)."""
+"""``kvtier serve``: run the node daemon (embedded default: host arena + local disk, no S3).
+
+``--detach`` starts the same daemon in the background, owned by the machine rather than by the
+caller (``kvtier.daemon.detach``): it returns once the daemon answers, and the daemon outlives the
+process that started it (a vLLM engine, in the embedded default). ``kvtier stop`` stops it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from pathlib import Path
 from typing import Any
 
 from kvtier.config import load_config
+from kvtier.daemon.detach import start_detached
 from kvtier.daemon.server import run_daemon
 
 # flag -> (section, key)
@@ -14,6 +22,7 @@ _FLAG_SETTINGS = {
     "socket": ("daemon", "socket_path"),
     "tcp": ("daemon", "tcp_address"),
     "metrics": ("daemon", "metrics_address"),
+    "cpu_affinity": ("daemon", "cpu_affinity"),
     "host_capacity": ("host", "capacity"),
     "disk_path": ("disk", "path"),
     "disk_capacity": ("disk", "capacity"),
@@ -24,6 +33,7 @@ _FLAG_SETTINGS = {
     "eviction": ("chain", "eviction"),
     "write_mode": ("chain", "write_mode"),
 }
+_LAUNCHER_ONLY = {"--detach": 0, "--log-file": 1, "--start-timeout": 1}  # flag -> values it takes
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -41,8 +51,32 @@ def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return overrides
 
 
+def daemon_argv(argv: list[str]) -> list[str]:
+    """The ``kvtier ...`` arguments of the daemon a ``--detach`` launcher starts: its own minus
+    the launcher's flags."""
+    out: list[str] = []
+    skip = 0
+    for arg in argv:
+        if skip:
+            skip -= 1
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _LAUNCHER_ONLY:
+            skip = _LAUNCHER_ONLY[name] if "=" not in arg else 0
+            continue
+        out.append(arg)
+    return out
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    config = load_config(args.config, overrides=overrides_from(args))
+    config = load_config(args.config, overrides=overrides_from(args))  # a bad setting fails here, in the foreground
+    if args.detach:
+        socket_path = Path(config.daemon.socket_path)
+        log_path = Path(args.log_file) if args.log_file else socket_path.with_name("kvtier-daemon.log")
+        command = [sys.executable, "-m", "kvtier", *daemon_argv(args.argv)]
+        pid = start_detached(command, socket_path=socket_path, log_path=log_path, timeout_s=args.start_timeout)
+        print(f"kvtier daemon ready on {socket_path} (pid {pid}, log {log_path})", flush=True)
+        return 0
     logging.getLogger("kvtier").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     run_daemon(config)
     return 0
@@ -70,4 +104,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--s3-region")
     parser.add_argument("--eviction", choices=["lru", "s3fifo"])
     parser.add_argument("--write-mode", choices=["write-back", "write-through"])
+    parser.add_argument("--cpu-affinity", help="CPUs to run on: inherit (default), all, or a list such as 0-3,8")
+    parser.add_argument("--detach", action="store_true",
+                        help="start the daemon in the background, detached from this process, and return once it serves")
+    parser.add_argument("--log-file", help="with --detach: the daemon's log (default: kvtier-daemon.log beside the socket)")
+    parser.add_argument("--start-timeout", type=float, default=60.0, help="with --detach: seconds to wait for the daemon")
     parser.set_defaults(handler=run_serve)

@@ -30,11 +30,11 @@ from kvtier.chain.factory import build_chain
 from kvtier.config import KVTierConfig
 from kvtier.daemon.auth import BearerTokenInterceptor, resolve_token, server_credentials
 from kvtier.daemon.core import DaemonCore
+from kvtier.daemon.detach import apply_cpu_affinity
 from kvtier.daemon.fast_server import FastPathServer
 from kvtier.daemon.metrics import serve_metrics, stop_metrics
 from kvtier.daemon.servicer import DaemonServicer
 from kvtier.errors import ConfigError
-from kvtier.tiers.arena import SharedArena
 from kvtier.v1 import daemon_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -58,19 +58,14 @@ def fast_socket_path_for(socket_path: Path) -> Path:
     return socket_path.with_name(socket_path.name + ".fast")
 
 
+def pid_path_for(socket_path: Path) -> Path:
+    """Where the daemon serving ``socket_path`` writes its pid (``kvtier stop`` reads it)."""
+    return socket_path.with_name(socket_path.name + ".pid")
+
+
 def arena_name_for(socket_path: Path) -> str:
     digest = hashlib.sha256(str(socket_path.resolve()).encode()).hexdigest()[:12]
     return f"kvtier-{digest}-arena"
-
-
-def log_arena_pages(arena: SharedArena, prefaulted: bool) -> None:
-    """Say what pages back the arena: on 4 KiB pages copies are slower, and on VMs their speed
-    varies by tens of percent from one region of memory to the next."""
-    huge = arena.huge_page_bytes()
-    log.info("host arena %s: %d MiB, %d MiB of it on huge pages", arena.path, arena.nbytes >> 20, huge >> 20)
-    if prefaulted and huge < arena.nbytes // 2:
-        log.info("for faster copies put the host arena on huge pages: point host.shm_dir at a tmpfs mounted "
-                 "huge=always or at hugetlbfs (docs/host-arena.md)")
 
 
 class DaemonServer:
@@ -154,10 +149,10 @@ class DaemonServer:
         self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._reaper = threading.Thread(target=self._reap_loop, name="kvtier-reaper", daemon=True)
         self._reaper.start()
+        pid_path_for(self.socket_path).write_text(f"{os.getpid()}\n")
         log.info("kvtier daemon serving on %s%s%s", self.socket_path,
                  f" (fast path {self.fast_socket_path})" if self.fast_socket_path else "",
                  f" and {daemon_config.tcp_address}" if daemon_config.tcp_address else "")
-        log_arena_pages(chain.host.arena, prefaulted=self.config.host.prefault)
 
     def _new_server(self, servicer: DaemonServicer, options: list, interceptors: tuple) -> grpc.Server:
         server = grpc.server(
@@ -204,10 +199,11 @@ class DaemonServer:
             if pending:
                 log.info("flushing %d pending demotions (deadline %.0fs)", pending, daemon_config.flush_timeout_s)
             self.core.chain.close(flush_timeout=daemon_config.flush_timeout_s)
-        try:
-            self.socket_path.unlink()
-        except FileNotFoundError:
-            pass
+        for path in (self.socket_path, pid_path_for(self.socket_path)):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
         log.info("kvtier daemon stopped")
 
     def wait(self) -> None:
@@ -225,6 +221,9 @@ def run_daemon(config: KVTierConfig, ready: threading.Event | None = None) -> No
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        cpus = apply_cpu_affinity(config.daemon.cpu_affinity)  # before any thread starts: they inherit it
+        if cpus is not None:
+            log.info("running on CPUs %s (daemon.cpu_affinity=%s)", _cpu_list(cpus), config.daemon.cpu_affinity)
         server.start()
         if ready is not None:
             ready.set()
@@ -235,3 +234,14 @@ def run_daemon(config: KVTierConfig, ready: threading.Event | None = None) -> No
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _cpu_list(cpus: set[int]) -> str:
+    """``{0, 1, 2, 5}`` as ``0-2,5``."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in runs)

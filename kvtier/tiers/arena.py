@@ -27,10 +27,15 @@ slots are all free returns its pages to the arena, so the split between layouts 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import fcntl
+import functools
 import logging
 import mmap
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +45,15 @@ log = logging.getLogger(__name__)
 
 SLOT_ALIGN = 4096
 ARENA_GLOB = "kvtier-*-arena"  # the names kvtier gives arena files (see HostTier)
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault every page in for writing, contents unchanged
+_POPULATE_CHUNK = 64 << 20  # per madvise call: the thread checks between chunks whether the map closed
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)  # calls release the GIL
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -61,6 +75,10 @@ class SharedArena:
         except (AttributeError, OSError):
             pass  # no transparent huge pages in this kernel
         self.buffer = memoryview(self._map)
+        self._populated = threading.Event()
+        self._mapping_lock = threading.Lock()  # held by the prefault thread per chunk, and by close
+        if populate:
+            self._populated.set()
 
     @classmethod
     def create(cls, path: Path, nbytes: int, populate: bool = False) -> SharedArena:
@@ -93,6 +111,53 @@ class SharedArena:
     def view(self, offset: int, nbytes: int) -> memoryview:
         return self.buffer[offset : offset + nbytes]
 
+    def populate_in_background(self) -> threading.Thread:
+        """Map every page of this mapping on a background thread (``MADV_POPULATE_WRITE``, in
+        chunks, without the GIL), so the arena is usable at once and its pages stop costing a
+        fault on first touch soon after. The bytes are not changed: clients may write meanwhile.
+        Kernels without ``MADV_POPULATE_WRITE`` (before 5.14) keep faulting pages on first use."""
+        thread = threading.Thread(target=self._populate, name="kvtier-arena-prefault", daemon=True)
+        thread.start()
+        return thread
+
+    def wait_populated(self, timeout: float | None = None) -> bool:
+        """Whether every page is mapped (after :meth:`populate_in_background`), waiting up to ``timeout``."""
+        return self._populated.wait(timeout)
+
+    def _populate(self) -> None:
+        try:
+            madvise = _libc().madvise
+            holder = ctypes.c_char.from_buffer(self._map)  # an export of the map, only to learn its address
+            base = ctypes.addressof(holder)
+            del holder
+            started = time.monotonic()
+            for start in range(0, self.nbytes, _POPULATE_CHUNK):
+                length = min(_POPULATE_CHUNK, self.nbytes - start)
+                with self._mapping_lock:  # never on an address range that close() unmapped
+                    if self._map.closed:
+                        return
+                    failed = madvise(ctypes.c_void_p(base + start), ctypes.c_size_t(length), _MADV_POPULATE_WRITE) != 0
+                if failed:
+                    log.info("host arena %s: pages are mapped on first use (madvise: %s)", self.path,
+                             os.strerror(ctypes.get_errno()))
+                    return
+            self._log_pages(time.monotonic() - started)
+        except (OSError, ValueError, AttributeError) as exc:  # no libc, or the map closed meanwhile
+            log.info("host arena %s: pages are mapped on first use (%s)", self.path, exc)
+            return
+        finally:
+            self._populated.set()
+
+    def _log_pages(self, seconds: float) -> None:
+        """Say what pages back the arena: on 4 KiB pages copies are slower, and on VMs their speed
+        varies by tens of percent from one region of memory to the next."""
+        huge = self.huge_page_bytes()
+        log.info("host arena %s: %d MiB mapped in %.1fs, %d MiB of it on huge pages", self.path, self.nbytes >> 20,
+                 seconds, huge >> 20)
+        if huge < self.nbytes // 2:
+            log.info("for faster copies put the host arena on huge pages: point host.shm_dir at a tmpfs mounted "
+                     "huge=always or at hugetlbfs (docs/host-arena.md)")
+
     def huge_page_bytes(self) -> int:
         """How many bytes of this process's mapping of the arena are on huge pages now (0 where
         ``/proc/self/smaps`` is unavailable). Only pages touched so far count: see ``populate``."""
@@ -101,8 +166,9 @@ class SharedArena:
     def close(self) -> None:
         """Unmap (and, for the owner, remove the file). Views still in use keep the map alive."""
         try:
-            self.buffer.release()
-            self._map.close()
+            with self._mapping_lock:
+                self.buffer.release()
+                self._map.close()
         except BufferError:
             pass  # a caller still holds a view; the mapping goes away with it
         if self.owner:

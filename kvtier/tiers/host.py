@@ -68,7 +68,9 @@ class HostTier(Tier):
         self._allocator = SlabAllocator(capacity, settings.slab_size)
         super().__init__(name, self._allocator.capacity_bytes)
         filename = settings.name or f"kvtier-{os.getpid()}-{next(_instance_counter)}-arena"
-        self.arena = SharedArena.create(settings.shm_dir / filename, self._allocator.capacity_bytes, populate=settings.prefault)
+        self.arena = SharedArena.create(settings.shm_dir / filename, self._allocator.capacity_bytes)
+        if settings.prefault:
+            self.arena.populate_in_background()  # serving starts now; first-touch faults fade out
         self._lock = threading.Lock()
         self._committed: dict[BlockKey, Slot] = {}
         self._reserved: dict[int, tuple[BlockKey, Slot]] = {}
