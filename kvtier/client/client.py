@@ -143,16 +143,21 @@ class DaemonClient:
             for h, r in zip(block_hashes, reply.results)
         ]
 
-    def commit(self, reservation_ids: Sequence[int]) -> int:
-        return self.commit_async(reservation_ids).result()
+    def commit(self, reservation_ids: Sequence[int], checksums: Sequence[int] | None = None) -> int:
+        return self.commit_async(reservation_ids, checksums).result()
 
-    def commit_async(self, reservation_ids: Sequence[int]) -> PendingCommit:
+    def commit_async(self, reservation_ids: Sequence[int], checksums: Sequence[int] | None = None) -> PendingCommit:
         """Send a commit and return at once; its ``result()`` waits and returns the count
-        committed (or raises). The daemon checksums the slots meanwhile: see :meth:`commit_pipeline`."""
+        committed (or raises). ``checksums``: the XXH3-64 of each slot as written
+        (:func:`kvtier.blocks.payload_checksum`), computed while the bytes are hot in the writer's
+        cache; without them the daemon reads the slots again to compute them."""
         if self._fast is not None:
-            pending = self._fast.start("Commit", {"reservation_ids": list(reservation_ids)})
+            fields: dict = {"reservation_ids": list(reservation_ids)}
+            if checksums is not None:
+                fields["checksums"] = list(checksums)
+            pending = self._fast.start("Commit", fields)
             return PendingCommit(lambda: pending.result()["committed"])
-        request = pb.CommitRequest(client_id=self.client_id, reservation_ids=reservation_ids)
+        request = pb.CommitRequest(client_id=self.client_id, reservation_ids=reservation_ids, checksums=checksums or ())
         future = self._stub.Commit.future(request, timeout=self.timeout_s, metadata=self._metadata)
 
         def wait() -> int:
@@ -164,8 +169,8 @@ class DaemonClient:
         return PendingCommit(wait)
 
     def commit_pipeline(self, reservations: Sequence[Reservation], chunk_nbytes: int = COMMIT_CHUNK_BYTES) -> CommitPipeline:
-        """Commit ``reservations`` chunk by chunk as the caller fills them (``filled(...)``), so the
-        daemon checksums one chunk while the caller copies the next (``kvtier.client.commit_pipeline``)."""
+        """Commit ``reservations`` chunk by chunk as the caller fills them (``filled(...)``), so one
+        chunk's commit overlaps the copy of the next (``kvtier.client.commit_pipeline``)."""
         return CommitPipeline(self, reservations, chunk_nbytes)
 
     def abort(self, reservation_ids: Sequence[int]) -> int:
@@ -241,8 +246,9 @@ class DaemonClient:
         with self.commit_pipeline(reservations) as pipeline:
             for reservation in reservations:
                 if reservation.status is ReserveStatus.RESERVED:
-                    arena.view(reservation.offset, reservation.nbytes)[:] = blocks[reservation.block_hash]
-                    pipeline.filled((reservation,))
+                    slot = arena.view(reservation.offset, reservation.nbytes)
+                    slot[:] = blocks[reservation.block_hash]
+                    pipeline.filled((reservation,), (payload_checksum(slot),))
         return {r.block_hash: r.status for r in reservations}
 
     def read_blocks(self, layout_id: str, block_hashes: Sequence[bytes]) -> list[bytes]:

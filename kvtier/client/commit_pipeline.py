@@ -1,10 +1,11 @@
 """Commit a writer's slots in chunks while it fills the next ones.
 
-A put costs a copy into the arena (in the writer's process) and a checksum of the same bytes (in
-the daemon's, at commit). Committed one chunk at a time, as each chunk is filled, the daemon
-checksums chunk k while the writer copies chunk k+1, so a put takes about the longer of the two
-instead of their sum, on two cores. One Python process cannot overlap them: the checksum holds the
-GIL.
+A put costs a copy into the arena (in the writer's process), a checksum of the same bytes and a
+commit call. Writers that checksum as they copy (the connector and ``write_blocks`` do: the bytes
+are hot in their cache) send the checksums with the commit, which is then bookkeeping only; for
+a writer that does not, the daemon reads the slots again to checksum them. Committed one chunk
+at a time, as each chunk is filled, chunk k's commit overlaps the copy of chunk k+1, so a put
+takes about the longer of the two instead of their sum.
 
 Invariants:
 
@@ -39,17 +40,27 @@ class CommitPipeline:
         self._chunk_nbytes = chunk_nbytes
         self._unsent = {r.reservation_id: r for r in reservations if r.status is ReserveStatus.RESERVED}
         self._chunk: list[int] = []
+        self._chunk_checksums: list[int] | None = []  # None once a slot came without one
         self._chunk_bytes = 0
         self._in_flight: tuple[PendingCommit, list[int]] | None = None
         self.committed = 0
 
-    def filled(self, reservations: Iterable[Reservation]) -> None:
-        """These slots hold their bytes now; commit them with the current chunk once it is full."""
+    def filled(self, reservations: Iterable[Reservation], checksums: Iterable[int] | None = None) -> None:
+        """These slots hold their bytes now; commit them with the current chunk once it is full.
+        ``checksums``: their XXH3-64 as written, one per reservation (else the daemon computes them)."""
+        reservations = list(reservations)
+        sums = list(checksums) if checksums is not None else None
+        if sums is not None and len(sums) != len(reservations):
+            raise ValueError(f"{len(sums)} checksums for {len(reservations)} reservations")
         for reservation in reservations:
             if reservation.reservation_id not in self._unsent:
                 raise ValueError(f"reservation {reservation.reservation_id} is not a pending reservation of this pipeline")
             self._chunk.append(reservation.reservation_id)
             self._chunk_bytes += reservation.nbytes
+        if sums is None:
+            self._chunk_checksums = None
+        elif self._chunk_checksums is not None:
+            self._chunk_checksums.extend(sums)
         if self._chunk_bytes >= self._chunk_nbytes:
             self._send_chunk()
 
@@ -67,7 +78,7 @@ class CommitPipeline:
         except KVTierError:
             pass
         unsent, self._unsent = list(self._unsent), {}
-        self._chunk, self._chunk_bytes = [], 0
+        self._chunk, self._chunk_checksums, self._chunk_bytes = [], [], 0
         self._abort_quietly(unsent)
 
     def _abort_quietly(self, reservation_ids: list[int]) -> None:
@@ -89,10 +100,11 @@ class CommitPipeline:
         if not self._chunk:
             return
         self._wait()
-        chunk, self._chunk, self._chunk_bytes = self._chunk, [], 0
+        chunk, checksums = self._chunk, self._chunk_checksums
+        self._chunk, self._chunk_checksums, self._chunk_bytes = [], [], 0
         for reservation_id in chunk:
             del self._unsent[reservation_id]
-        self._in_flight = (self._client.commit_async(chunk), chunk)
+        self._in_flight = (self._client.commit_async(chunk, checksums), chunk)
 
     def _wait(self) -> None:
         in_flight, self._in_flight = self._in_flight, None

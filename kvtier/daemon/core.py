@@ -180,10 +180,17 @@ class DaemonCore:
                 raise InvalidRequestError("a reservation id appears twice in one request")
             return [self._reservations.pop(r).slot for r in reservation_ids]
 
-    def commit(self, client_id: str, reservation_ids: Sequence[int]) -> int:
+    def commit(self, client_id: str, reservation_ids: Sequence[int], checksums: Sequence[int] | None = None) -> int:
+        """Make reserved slots visible. ``checksums`` (one per id) are the writer's XXH3-64 of the
+        bytes it wrote; without them the daemon computes them here, on the caller's time."""
         self.check_client_id(client_id)
-        for slot in self._take_reservations(client_id, reservation_ids):
-            self.chain.commit(slot)
+        if checksums is not None and (len(checksums) != len(reservation_ids)
+                                      or not all(0 <= c < 1 << 64 for c in checksums)):
+            raise InvalidRequestError(f"{len(checksums)} checksums for {len(reservation_ids)} reservations; give one "
+                                      "unsigned 64-bit checksum per reservation, or none")
+        slots = self._take_reservations(client_id, reservation_ids)
+        for slot, checksum in zip(slots, checksums or [None] * len(slots)):
+            self.chain.commit(slot, checksum)
         return len(reservation_ids)
 
     def abort(self, client_id: str, reservation_ids: Sequence[int]) -> int:

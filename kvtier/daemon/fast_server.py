@@ -97,7 +97,8 @@ class _Session:
         ]}
 
     def commit(self, request: Request) -> dict[str, Any]:
-        return {"committed": self.core.commit(self.client_id, _ids(request, "reservation_ids"))}
+        checksums = _ids(request, "checksums") if request.get("checksums") is not None else None
+        return {"committed": self.core.commit(self.client_id, _ids(request, "reservation_ids"), checksums)}
 
     def abort(self, request: Request) -> dict[str, Any]:
         return {"aborted": self.core.abort(self.client_id, _ids(request, "reservation_ids"))}

@@ -99,7 +99,8 @@ class DaemonServicer(pb_grpc.KVTierDaemonServicer):
 
     @_rpc
     def Commit(self, request: pb.CommitRequest, context: grpc.ServicerContext) -> pb.CommitResponse:
-        return pb.CommitResponse(committed=self.core.commit(request.client_id, list(request.reservation_ids)))
+        checksums = list(request.checksums) or None
+        return pb.CommitResponse(committed=self.core.commit(request.client_id, list(request.reservation_ids), checksums))
 
     @_rpc
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortResponse:

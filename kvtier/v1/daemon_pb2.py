@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvtier/v1/daemon.proto\x12\tkvtier.v1\"\xff\x02\n\x10LayoutDescriptor\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0emodel_revision\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x11\n\thead_size\x18\x06 \x01(\r\x12\x13\n\x0bhead_size_v\x18\x07 \x01(\x05\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x0f\n\x07tp_rank\x18\t \x01(\r\x12\x0f\n\x07tp_size\x18\n \x01(\r\x12\x0f\n\x07pp_rank\x18\x0b \x01(\r\x12\x0f\n\x07pp_size\x18\x0c \x01(\r\x12\x13\n\x0bpage_layout\x18\r \x01(\t\x12\x11\n\tkv_format\x18\x0e \x01(\t\x12\x35\n\x05\x65xtra\x18\x0f \x03(\x0b\x32&.kvtier.v1.LayoutDescriptor.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"`\n\x15RegisterLayoutRequest\x12+\n\x06layout\x18\x01 \x01(\x0b\x32\x1b.kvtier.v1.LayoutDescriptor\x12\x1a\n\x12\x65xpected_layout_id\x18\x02 \x01(\t\"\x9e\x01\n\x16RegisterLayoutResponse\x12\x11\n\tlayout_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_nbytes\x18\x02 \x01(\x04\x12\x12\n\narena_path\x18\x03 \x01(\t\x12\x14\n\x0c\x61rena_nbytes\x18\x04 \x01(\x04\x12\x17\n\x0f\x64\x61\x65mon_instance\x18\x05 \x01(\t\x12\x18\n\x10\x66\x61st_socket_path\x18\x06 \x01(\t\"8\n\rLookupRequest\x12\x11\n\tlayout_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"\x1f\n\x0eLookupResponse\x12\r\n\x05tiers\x18\x01 \x03(\t\"d\n\x04Slot\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x16\n\x0ereservation_id\x18\x04 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\x04\"{\n\x0eReserveRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tlayout_id\x18\x02 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c\x12\x14\n\x0c\x62lock_nbytes\x18\x04 \x01(\x04\x12\x17\n\x0f\x64\x61\x65mon_instance\x18\x05 \x01(\t\"<\n\x0fReserveResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.kvtier.v1.ReserveResult\"X\n\rReserveResult\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.kvtier.v1.ReserveStatus\x12\x1d\n\x04slot\x18\x02 \x01(\x0b\x32\x0f.kvtier.v1.Slot\";\n\rCommitRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0freservation_ids\x18\x02 \x03(\x04\"#\n\x0e\x43ommitResponse\x12\x11\n\tcommitted\x18\x01 \x01(\r\":\n\x0c\x41\x62ortRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0freservation_ids\x18\x02 \x03(\x04\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\r\"u\n\x0e\x41\x63quireRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tlayout_id\x18\x02 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\r\x12\x17\n\x0f\x64\x61\x65mon_instance\x18\x05 \x01(\t\"Z\n\x0f\x41\x63quireResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12\x1e\n\x05slots\x18\x02 \x03(\x0b\x32\x0f.kvtier.v1.Slot\x12\x15\n\rexpires_in_ms\x18\x03 \x01(\x04\"5\n\x0eReleaseRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x04\"\x11\n\x0fReleaseResponse\"K\n\x0fPrefetchRequest\x12\x11\n\tlayout_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\"5\n\x10PrefetchResponse\x12\x13\n\x0bhost_blocks\x18\x01 \x01(\r\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\"&\n\x11\x44isconnectRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"K\n\x12\x44isconnectResponse\x12\x17\n\x0freleased_leases\x18\x01 \x01(\r\x12\x1c\n\x14\x61\x62orted_reservations\x18\x02 \x01(\r\"\x0e\n\x0cStatsRequest\"\x92\x02\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x12\n\nused_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x05 \x01(\x04\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06misses\x18\x07 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x08 \x01(\x04\x12\x11\n\tbytes_out\x18\t \x01(\x04\x12\x11\n\tevictions\x18\n \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x0b \x01(\x04\x12\x11\n\tdemotions\x18\x0c \x01(\x04\x12\x12\n\npromotions\x18\r \x01(\x04\x12\x0f\n\x07\x63orrupt\x18\x0e \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x0f \x01(\x04\"\xcb\x01\n\rStatsResponse\x12#\n\x05tiers\x18\x01 \x03(\x0b\x32\x14.kvtier.v1.TierStats\x12\x19\n\x11pending_demotions\x18\x02 \x01(\x04\x12\x15\n\ractive_leases\x18\x03 \x01(\x04\x12\x15\n\rpinned_blocks\x18\x04 \x01(\x04\x12\x1b\n\x13\x61\x63tive_reservations\x18\x05 \x01(\x04\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x12\x0c\n\x04node\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t*`\n\rReserveStatus\x12\x1e\n\x1aRESERVE_STATUS_UNSPECIFIED\x10\x00\x12\x0c\n\x08RESERVED\x10\x01\x12\x13\n\x0f\x41LREADY_PRESENT\x10\x02\x12\x0c\n\x08NO_SPACE\x10\x03\x32\xb1\x05\n\x0cKVTierDaemon\x12U\n\x0eRegisterLayout\x12 .kvtier.v1.RegisterLayoutRequest\x1a!.kvtier.v1.RegisterLayoutResponse\x12=\n\x06Lookup\x12\x18.kvtier.v1.LookupRequest\x1a\x19.kvtier.v1.LookupResponse\x12@\n\x07Reserve\x12\x19.kvtier.v1.ReserveRequest\x1a\x1a.kvtier.v1.ReserveResponse\x12=\n\x06\x43ommit\x12\x18.kvtier.v1.CommitRequest\x1a\x19.kvtier.v1.CommitResponse\x12:\n\x05\x41\x62ort\x12\x17.kvtier.v1.AbortRequest\x1a\x18.kvtier.v1.AbortResponse\x12@\n\x07\x41\x63quire\x12\x19.kvtier.v1.AcquireRequest\x1a\x1a.kvtier.v1.AcquireResponse\x12@\n\x07Release\x12\x19.kvtier.v1.ReleaseRequest\x1a\x1a.kvtier.v1.ReleaseResponse\x12\x43\n\x08Prefetch\x12\x1a.kvtier.v1.PrefetchRequest\x1a\x1b.kvtier.v1.PrefetchResponse\x12I\n\nDisconnect\x12\x1c.kvtier.v1.DisconnectRequest\x1a\x1d.kvtier.v1.DisconnectResponse\x12:\n\x05Stats\x12\x17.kvtier.v1.StatsRequest\x1a\x18.kvtier.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvtier/v1/daemon.proto\x12\tkvtier.v1\"\xff\x02\n\x10LayoutDescriptor\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0emodel_revision\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x11\n\thead_size\x18\x06 \x01(\r\x12\x13\n\x0bhead_size_v\x18\x07 \x01(\x05\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x0f\n\x07tp_rank\x18\t \x01(\r\x12\x0f\n\x07tp_size\x18\n \x01(\r\x12\x0f\n\x07pp_rank\x18\x0b \x01(\r\x12\x0f\n\x07pp_size\x18\x0c \x01(\r\x12\x13\n\x0bpage_layout\x18\r \x01(\t\x12\x11\n\tkv_format\x18\x0e \x01(\t\x12\x35\n\x05\x65xtra\x18\x0f \x03(\x0b\x32&.kvtier.v1.LayoutDescriptor.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"`\n\x15RegisterLayoutRequest\x12+\n\x06layout\x18\x01 \x01(\x0b\x32\x1b.kvtier.v1.LayoutDescriptor\x12\x1a\n\x12\x65xpected_layout_id\x18\x02 \x01(\t\"\x9e\x01\n\x16RegisterLayoutResponse\x12\x11\n\tlayout_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_nbytes\x18\x02 \x01(\x04\x12\x12\n\narena_path\x18\x03 \x01(\t\x12\x14\n\x0c\x61rena_nbytes\x18\x04 \x01(\x04\x12\x17\n\x0f\x64\x61\x65mon_instance\x18\x05 \x01(\t\x12\x18\n\x10\x66\x61st_socket_path\x18\x06 \x01(\t\"8\n\rLookupRequest\x12\x11\n\tlayout_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"\x1f\n\x0eLookupResponse\x12\r\n\x05tiers\x18\x01 \x03(\t\"d\n\x04Slot\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x16\n\x0ereservation_id\x18\x04 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\x04\"{\n\x0eReserveRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tlayout_id\x18\x02 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c\x12\x14\n\x0c\x62lock_nbytes\x18\x04 \x01(\x04\x12\x17\n\x0f\x64\x61\x65mon_instance\x18\x05 \x01(\t\"<\n\x0fReserveResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.kvtier.v1.ReserveResult\"X\n\rReserveResult\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.kvtier.v1.ReserveStatus\x12\x1d\n\x04slot\x18\x02 \x01(\x0b\x32\x0f.kvtier.v1.Slot\"N\n\rCommitRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0freservation_ids\x18\x02 \x03(\x04\x12\x11\n\tchecksums\x18\x03 \x03(\x04\"#\n\x0e\x43ommitResponse\x12\x11\n\tcommitted\x18\x01 \x01(\r\":\n\x0c\x41\x62ortRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0freservation_ids\x18\x02 \x03(\x04\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\r\"u\n\x0e\x41\x63quireRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tlayout_id\x18\x02 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c\x12\x0e\n\x06ttl_ms\x18\x04 \x01(\r\x12\x17\n\x0f\x64\x61\x65mon_instance\x18\x05 \x01(\t\"Z\n\x0f\x41\x63quireResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12\x1e\n\x05slots\x18\x02 \x03(\x0b\x32\x0f.kvtier.v1.Slot\x12\x15\n\rexpires_in_ms\x18\x03 \x01(\x04\"5\n\x0eReleaseRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x04\"\x11\n\x0fReleaseResponse\"K\n\x0fPrefetchRequest\x12\x11\n\tlayout_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\"5\n\x10PrefetchResponse\x12\x13\n\x0bhost_blocks\x18\x01 \x01(\r\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\"&\n\x11\x44isconnectRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"K\n\x12\x44isconnectResponse\x12\x17\n\x0freleased_leases\x18\x01 \x01(\r\x12\x1c\n\x14\x61\x62orted_reservations\x18\x02 \x01(\r\"\x0e\n\x0cStatsRequest\"\x92\x02\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x12\n\nused_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x05 \x01(\x04\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06misses\x18\x07 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x08 \x01(\x04\x12\x11\n\tbytes_out\x18\t \x01(\x04\x12\x11\n\tevictions\x18\n \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x0b \x01(\x04\x12\x11\n\tdemotions\x18\x0c \x01(\x04\x12\x12\n\npromotions\x18\r \x01(\x04\x12\x0f\n\x07\x63orrupt\x18\x0e \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x0f \x01(\x04\"\xcb\x01\n\rStatsResponse\x12#\n\x05tiers\x18\x01 \x03(\x0b\x32\x14.kvtier.v1.TierStats\x12\x19\n\x11pending_demotions\x18\x02 \x01(\x04\x12\x15\n\ractive_leases\x18\x03 \x01(\x04\x12\x15\n\rpinned_blocks\x18\x04 \x01(\x04\x12\x1b\n\x13\x61\x63tive_reservations\x18\x05 \x01(\x04\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x12\x0c\n\x04node\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t*`\n\rReserveStatus\x12\x1e\n\x1aRESERVE_STATUS_UNSPECIFIED\x10\x00\x12\x0c\n\x08RESERVED\x10\x01\x12\x13\n\x0f\x41LREADY_PRESENT\x10\x02\x12\x0c\n\x08NO_SPACE\x10\x03\x32\xb1\x05\n\x0cKVTierDaemon\x12U\n\x0eRegisterLayout\x12 .kvtier.v1.RegisterLayoutRequest\x1a!.kvtier.v1.RegisterLayoutResponse\x12=\n\x06Lookup\x12\x18.kvtier.v1.LookupRequest\x1a\x19.kvtier.v1.LookupResponse\x12@\n\x07Reserve\x12\x19.kvtier.v1.ReserveRequest\x1a\x1a.kvtier.v1.ReserveResponse\x12=\n\x06\x43ommit\x12\x18.kvtier.v1.CommitRequest\x1a\x19.kvtier.v1.CommitResponse\x12:\n\x05\x41\x62ort\x12\x17.kvtier.v1.AbortRequest\x1a\x18.kvtier.v1.AbortResponse\x12@\n\x07\x41\x63quire\x12\x19.kvtier.v1.AcquireRequest\x1a\x1a.kvtier.v1.AcquireResponse\x12@\n\x07Release\x12\x19.kvtier.v1.ReleaseRequest\x1a\x1a.kvtier.v1.ReleaseResponse\x12\x43\n\x08Prefetch\x12\x1a.kvtier.v1.PrefetchRequest\x1a\x1b.kvtier.v1.PrefetchResponse\x12I\n\nDisconnect\x12\x1c.kvtier.v1.DisconnectRequest\x1a\x1d.kvtier.v1.DisconnectResponse\x12:\n\x05Stats\x12\x17.kvtier.v1.StatsRequest\x1a\x18.kvtier.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LAYOUTDESCRIPTOR_EXTRAENTRY']._loaded_options = None
   _globals['_LAYOUTDESCRIPTOR_EXTRAENTRY']._serialized_options = b'8\001'
-  _globals['_RESERVESTATUS']._serialized_start=2377
-  _globals['_RESERVESTATUS']._serialized_end=2473
+  _globals['_RESERVESTATUS']._serialized_start=2396
+  _globals['_RESERVESTATUS']._serialized_end=2492
   _globals['_LAYOUTDESCRIPTOR']._serialized_start=38
   _globals['_LAYOUTDESCRIPTOR']._serialized_end=421
   _globals['_LAYOUTDESCRIPTOR_EXTRAENTRY']._serialized_start=377
@@ -56,35 +56,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESERVERESULT']._serialized_start=1062
   _globals['_RESERVERESULT']._serialized_end=1150
   _globals['_COMMITREQUEST']._serialized_start=1152
-  _globals['_COMMITREQUEST']._serialized_end=1211
-  _globals['_COMMITRESPONSE']._serialized_start=1213
-  _globals['_COMMITRESPONSE']._serialized_end=1248
-  _globals['_ABORTREQUEST']._serialized_start=1250
-  _globals['_ABORTREQUEST']._serialized_end=1308
-  _globals['_ABORTRESPONSE']._serialized_start=1310
-  _globals['_ABORTRESPONSE']._serialized_end=1342
-  _globals['_ACQUIREREQUEST']._serialized_start=1344
-  _globals['_ACQUIREREQUEST']._serialized_end=1461
-  _globals['_ACQUIRERESPONSE']._serialized_start=1463
-  _globals['_ACQUIRERESPONSE']._serialized_end=1553
-  _globals['_RELEASEREQUEST']._serialized_start=1555
-  _globals['_RELEASEREQUEST']._serialized_end=1608
-  _globals['_RELEASERESPONSE']._serialized_start=1610
-  _globals['_RELEASERESPONSE']._serialized_end=1627
-  _globals['_PREFETCHREQUEST']._serialized_start=1629
-  _globals['_PREFETCHREQUEST']._serialized_end=1704
-  _globals['_PREFETCHRESPONSE']._serialized_start=1706
-  _globals['_PREFETCHRESPONSE']._serialized_end=1759
-  _globals['_DISCONNECTREQUEST']._serialized_start=1761
-  _globals['_DISCONNECTREQUEST']._serialized_end=1799
-  _globals['_DISCONNECTRESPONSE']._serialized_start=1801
-  _globals['_DISCONNECTRESPONSE']._serialized_end=1876
-  _globals['_STATSREQUEST']._serialized_start=1878
-  _globals['_STATSREQUEST']._serialized_end=1892
-  _globals['_TIERSTATS']._serialized_start=1895
-  _globals['_TIERSTATS']._serialized_end=2169
-  _globals['_STATSRESPONSE']._serialized_start=2172
-  _globals['_STATSRESPONSE']._serialized_end=2375
-  _globals['_KVTIERDAEMON']._serialized_start=2476
-  _globals['_KVTIERDAEMON']._serialized_end=3165
+  _globals['_COMMITREQUEST']._serialized_end=1230
+  _globals['_COMMITRESPONSE']._serialized_start=1232
+  _globals['_COMMITRESPONSE']._serialized_end=1267
+  _globals['_ABORTREQUEST']._serialized_start=1269
+  _globals['_ABORTREQUEST']._serialized_end=1327
+  _globals['_ABORTRESPONSE']._serialized_start=1329
+  _globals['_ABORTRESPONSE']._serialized_end=1361
+  _globals['_ACQUIREREQUEST']._serialized_start=1363
+  _globals['_ACQUIREREQUEST']._serialized_end=1480
+  _globals['_ACQUIRERESPONSE']._serialized_start=1482
+  _globals['_ACQUIRERESPONSE']._serialized_end=1572
+  _globals['_RELEASEREQUEST']._serialized_start=1574
+  _globals['_RELEASEREQUEST']._serialized_end=1627
+  _globals['_RELEASERESPONSE']._serialized_start=1629
+  _globals['_RELEASERESPONSE']._serialized_end=1646
+  _globals['_PREFETCHREQUEST']._serialized_start=1648
+  _globals['_PREFETCHREQUEST']._serialized_end=1723
+  _globals['_PREFETCHRESPONSE']._serialized_start=1725
+  _globals['_PREFETCHRESPONSE']._serialized_end=1778
+  _globals['_DISCONNECTREQUEST']._serialized_start=1780
+  _globals['_DISCONNECTREQUEST']._serialized_end=1818
+  _globals['_DISCONNECTRESPONSE']._serialized_start=1820
+  _globals['_DISCONNECTRESPONSE']._serialized_end=1895
+  _globals['_STATSREQUEST']._serialized_start=1897
+  _globals['_STATSREQUEST']._serialized_end=1911
+  _globals['_TIERSTATS']._serialized_start=1914
+  _globals['_TIERSTATS']._serialized_end=2188
+  _globals['_STATSRESPONSE']._serialized_start=2191
+  _globals['_STATSRESPONSE']._serialized_end=2394
+  _globals['_KVTIERDAEMON']._serialized_start=2495
+  _globals['_KVTIERDAEMON']._serialized_end=3184
 # @@protoc_insertion_point(module_scope)

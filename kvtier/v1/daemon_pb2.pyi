@@ -140,12 +140,14 @@ class ReserveResult(_message.Message):
     def __init__(self, status: _Optional[_Union[ReserveStatus, str]] = ..., slot: _Optional[_Union[Slot, _Mapping]] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("client_id", "reservation_ids")
+    __slots__ = ("client_id", "reservation_ids", "checksums")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_IDS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     reservation_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, client_id: _Optional[str] = ..., reservation_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, client_id: _Optional[str] = ..., reservation_ids: _Optional[_Iterable[int]] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
     __slots__ = ("committed",)

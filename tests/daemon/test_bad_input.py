@@ -13,7 +13,7 @@ import pytest
 
 from kvtier.blocks import hash_prompt
 from kvtier.client import DaemonClient, ReserveStatus
-from kvtier.errors import AuthenticationError, DaemonError, InvalidRequestError, LayoutError, LeaseError
+from kvtier.errors import AuthenticationError, CorruptBlockError, DaemonError, InvalidRequestError, LayoutError, LeaseError
 from kvtier.v1 import daemon_pb2 as pb
 from tests.daemon.conftest import LAYOUT, DaemonProcess, free_port
 
@@ -69,6 +69,25 @@ def test_unknown_slots_and_double_commit(client: DaemonClient) -> None:
         client.commit(ids)  # double commit
     with pytest.raises(InvalidRequestError, match="unknown"):
         client.abort(ids)
+
+
+def test_writer_checksums_must_match_the_reservations(client: DaemonClient) -> None:
+    ids = [r.reservation_id for r in client.reserve(LAYOUT.layout_id, HASHES[:2])]
+    with pytest.raises(InvalidRequestError, match="checksums for 2 reservations"):
+        client.commit(ids, checksums=[1])
+    with pytest.raises((InvalidRequestError, ValueError)):  # the daemon refuses it; protobuf refuses to encode it
+        client.commit(ids, checksums=[1, -1])
+    client.abort(ids)  # a refused commit changed nothing: the reservations are still there
+
+
+def test_a_lying_writer_checksum_makes_the_block_a_miss_for_readers(client: DaemonClient) -> None:
+    """The daemon records the writer's checksum as given; readers verify the bytes against it."""
+    (reservation,) = client.reserve(LAYOUT.layout_id, HASHES[3:4])
+    client.register_layout(LAYOUT)
+    client.arena().view(reservation.offset, reservation.nbytes)[:] = b"\x07" * reservation.nbytes
+    client.commit([reservation.reservation_id], checksums=[12345])
+    with pytest.raises(CorruptBlockError):
+        client.read_blocks(LAYOUT.layout_id, HASHES[3:4])
 
 
 def test_a_client_cannot_touch_another_clients_slots(daemon: DaemonProcess, client: DaemonClient) -> None:
