@@ -19,6 +19,7 @@ callers never need to import a backend's exception types.
     ├── LeaseError               an unknown, released or expired lease
     ├── DaemonError              a call to the node daemon failed (carries the gRPC ``code``)
     │   ├── DaemonUnavailableError  the daemon is not running, not reachable or too slow
+    │   │   └── DaemonTimeoutError  it is reachable but did not answer within the deadline
     │   └── AuthenticationError     the daemon refused the caller's credentials
     └── CopyError                the page-copy path rejected a request
         └── KernelUnavailableError  the CUDA kernel is not built or no GPU is present
@@ -87,6 +88,11 @@ class DaemonError(KVTierError):
 
 class DaemonUnavailableError(DaemonError):
     """The daemon is not running, cannot be reached, or did not answer within the timeout."""
+
+
+class DaemonTimeoutError(DaemonUnavailableError):
+    """The daemon took the call but did not answer within its deadline: busy, stopped or hung,
+    not (known to be) gone. Callers skip it for this call; only unreachable daemons are backed off."""
 
 
 class AuthenticationError(DaemonError):

@@ -89,6 +89,11 @@ class KVTierConnector(KVConnectorBase_V1):
 
     # ---- worker side -------------------------------------------------------------------------
 
+    def bind_connector_metadata(self, connector_metadata: KVTierConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self._worker is not None:
+            self._worker.on_bind(connector_metadata)  # times the step: the scheduler's prefill-rate estimate
+
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker.register_kv_caches(kv_caches)
 

@@ -1,13 +1,22 @@
 """The connector's connection to the daemon, built to stay out of the engine's way.
 
-A failed call (daemon down, slow, restarted) makes the link answer ``None`` at once for
-``retry_after_s`` instead of calling again, so a dead daemon costs the step loop nothing;
-after that it reconnects, registers its layouts again and maps the (new) arena.
-Callers treat ``None`` as a miss: the engine recomputes, it never waits and never fails.
+A call answers ``None`` (a miss: the engine recomputes) instead of waiting whenever the daemon
+cannot serve it now, and what happens next depends on why:
+
+- **Unreachable** (no socket, connection refused or broken): the link backs off for
+  ``retry_after_s`` (calls answer ``None`` at once), then reconnects, registers its layouts again
+  and maps the (new) arena.
+- **Slow** (the daemon took the call but missed its deadline: busy, stopped, hung): not a dead
+  daemon, so no back-off and no reconnect; calls answer ``None`` at once while a background probe
+  asks the daemon a trivial question, and the link is usable again the moment one is answered.
+- **Refused** (any other kvtier error: a bad request, a layout the daemon does not know...): that
+  call is a miss; the next one is tried as usual (a restarted daemon's ``LayoutError`` triggers
+  one re-registration).
 
 Connecting means gRPC calls and, in embedded mode, perhaps starting the daemon: a call made on
 the engine's step (``on_step=True``) never does it. If the link is not ready it answers ``None``
-and a background thread connects, so the step's only daemon cost is its own fast-path call.
+and a background thread connects. :attr:`DaemonLink.available` tells callers that would make a
+request wait for an answer whether to expect one.
 """
 
 from __future__ import annotations
@@ -23,10 +32,13 @@ from connectors.vllm.embedded import ensure_daemon
 from connectors.vllm.settings import ConnectorSettings
 from kvtier.blocks import KVLayout
 from kvtier.client import DaemonClient
-from kvtier.errors import KVTierError, LayoutError
+from kvtier.errors import DaemonTimeoutError, DaemonUnavailableError, KVTierError, LayoutError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+_PROBE_INTERVAL_S = 0.05  # between probes of a slow daemon (doubling up to _PROBE_MAX_INTERVAL_S)
+_PROBE_MAX_INTERVAL_S = 1.0
 
 
 class DaemonLink:
@@ -38,8 +50,23 @@ class DaemonLink:
         self._client: DaemonClient | None = None
         self._registered = False
         self._down_until = 0.0
-        self._connector = ThreadPoolExecutor(1, thread_name_prefix="kvtier-connect")
+        self._slow = threading.Event()  # set while the daemon is late; cleared by the probe
+        self._closed = threading.Event()
+        self._background = ThreadPoolExecutor(2, thread_name_prefix="kvtier-link")  # connect, probe
         self._connecting: Future[bool] | None = None
+        self._probing: Future[None] | None = None
+        self.counters = {"timeouts": 0, "unreachable": 0, "refused": 0}
+        self.prefill_hint = 0.0  # the prefill rate (tokens/s) the daemon last heard for our layouts
+
+    @property
+    def available(self) -> bool:
+        """Whether a call now is tried at all: the daemon is neither late nor being backed off
+        (a call may still have to connect first)."""
+        return not self._slow.is_set() and time.monotonic() >= self._down_until
+
+    @property
+    def client(self) -> DaemonClient | None:
+        return self._client
 
     def _connect(self) -> DaemonClient:
         if self._client is None:
@@ -47,7 +74,8 @@ class DaemonLink:
             self._client = DaemonClient(path, timeout_s=self.settings.timeout_s, client_id=self.client_id)
         if not self._registered:
             for layout in self.layouts:
-                self._client.register_layout(layout)
+                self.prefill_hint = max(self.prefill_hint, self._client.register_layout(layout).prefill_tokens_per_s)
+            self._client.lookup(self.layouts[0].layout_id, [])  # opens the fast path now, not on a request's lookup
             self._registered = True
         return self._client
 
@@ -57,10 +85,10 @@ class DaemonLink:
         return self.call(lambda client: True) is not None
 
     def call(self, operation: Callable[[DaemonClient], T], *, on_step: bool = False) -> T | None:
-        """Run ``operation`` against the daemon; None if it is unavailable (then skipped for a while).
+        """Run ``operation`` against the daemon; None if it cannot be served now (see the module doc).
 
         ``on_step``: the caller is the engine's step, which must not wait for a (re)connection."""
-        if time.monotonic() < self._down_until:
+        if self._slow.is_set() or time.monotonic() < self._down_until:
             return None
         try:
             if on_step:
@@ -82,19 +110,60 @@ class DaemonLink:
                 with self._lock:
                     client = self._connect()
                 return operation(client)
-        except KVTierError as exc:  # daemon down, slow, refusing: a miss
+        except DaemonTimeoutError as exc:
+            self._on_timeout(exc)
+        except DaemonUnavailableError as exc:
+            self.counters["unreachable"] += 1
             self._registered = False
             self._down_until = time.monotonic() + self.settings.retry_after_s
-            log.warning("kvtier daemon call failed (%s); treating kvtier as a miss for %.0fs", exc, self.settings.retry_after_s)
-            return None
+            log.warning("kvtier daemon unreachable (%s); treating kvtier as a miss for %.1fs", exc, self.settings.retry_after_s)
+        except KVTierError as exc:
+            self.counters["refused"] += 1
+            log.warning("kvtier daemon refused a call (%s); that call is a miss", exc)
+        return None
+
+    def _on_timeout(self, exc: DaemonTimeoutError) -> None:
+        self.counters["timeouts"] += 1
+        if not self._slow.is_set():
+            self._slow.set()
+            log.warning("kvtier daemon is late (%s); treating kvtier as a miss until it answers again", exc)
+        if (self._probing is None or self._probing.done()) and not self._closed.is_set():
+            try:
+                self._probing = self._background.submit(self._probe)
+            except RuntimeError:  # shut down meanwhile
+                pass
+
+    def _probe(self) -> None:
+        """Background: ask the late daemon a trivial question until it answers in time."""
+        interval = _PROBE_INTERVAL_S
+        while not self._closed.is_set():
+            client = self._client
+            try:
+                if client is not None:
+                    client.lookup(self.layouts[0].layout_id, [], timeout_s=min(self.settings.timeout_s, 1.0))
+                    self._slow.clear()
+                    log.info("kvtier daemon answers again")
+                    return
+            except DaemonTimeoutError:
+                pass
+            except KVTierError:  # not late any more but gone or changed: the next call finds out how
+                self._slow.clear()
+                return
+            if self._closed.wait(interval):
+                return
+            interval = min(interval * 2, _PROBE_MAX_INTERVAL_S)
 
     def _connect_in_background(self) -> None:
         """Start connecting on the link's own thread, unless that is under way (step thread only)."""
-        if self._connecting is None or self._connecting.done():
-            self._connecting = self._connector.submit(self.connect)
+        if (self._connecting is None or self._connecting.done()) and not self._closed.is_set():
+            try:
+                self._connecting = self._background.submit(self.connect)
+            except RuntimeError:
+                pass
 
     def close(self) -> None:
-        self._connector.shutdown(wait=True, cancel_futures=True)
+        self._closed.set()
+        self._background.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             if self._client is not None:
                 try:

@@ -6,20 +6,41 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
+from connectors.vllm.estimates import LossBudget
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedSlots:
+    """Blocks of one layout the scheduler leased in the daemon's host arena for a load: where they
+    are in the arena of daemon run ``daemon_instance`` and the checksum each must match. The lease
+    keeps them in place until the worker reports it copied them (``copied_leases``)."""
+
+    lease_id: int
+    daemon_instance: str
+    offsets: tuple[int, ...]
+    checksums: tuple[int, ...]
+
 
 @dataclass(frozen=True, slots=True)
 class LoadSpec:
     """Load ``block_hashes[i]`` into engine block ``block_ids[i]``.
 
-    Synchronous loads (every block in host memory at lookup time) finish before the step's
-    forward; asynchronous ones are promoted from lower tiers in the background and reported
-    through ``get_finished`` while the request waits.
+    Synchronous loads (``leases``: the blocks are in host memory, leased by the scheduler for each
+    rank's layout) are copied before the step's forward without a single daemon call. Asynchronous
+    ones (``budget``) are promoted from lower tiers on a loader thread while the request waits,
+    within the budget's allowance, and reported through ``get_finished``.
     """
 
     req_id: str
     block_ids: tuple[int, ...]
     block_hashes: tuple[bytes, ...]
-    is_async: bool
+    leases: dict[str, LeasedSlots] = field(default_factory=dict)  # layout id -> slots (synchronous)
+    budget: LossBudget | None = None  # asynchronous
+    tier: str = "host"  # the deepest tier the blocks come from
+
+    @property
+    def is_async(self) -> bool:
+        return self.budget is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,17 +57,26 @@ class KVTierConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
     preempted_req_ids: set[str] = field(default_factory=set)
+    scheduled_tokens: int = 0  # tokens this step computes (the workers time it: prefill rate)
 
 
 @dataclass
 class KVTierWorkerMetadata(KVConnectorWorkerMetadata):
-    """Block hashes the workers committed to the daemon since the last step (for KV events)."""
+    """What the workers report after a step: blocks committed to the daemon (for KV events),
+    leases whose blocks they copied (the scheduler releases them), and timings for the estimates."""
 
     committed: set[bytes] = field(default_factory=set)
+    copied_leases: set[int] = field(default_factory=set)
+    step_samples: list[tuple[int, float]] = field(default_factory=list)  # (scheduled tokens, seconds)
+    load_samples: list[tuple[str, int, float]] = field(default_factory=list)  # (tier, bytes, seconds)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if isinstance(other, KVTierWorkerMetadata):
             # With tensor parallelism a block is only whole once every rank saved it; the
-            # scheduler announces what rank 0 reports (ranks save the same blocks).
-            return KVTierWorkerMetadata(self.committed | other.committed)
+            # scheduler announces what rank 0 reports (ranks save the same blocks). Each rank
+            # copies from its own layout's lease: the union releases them all.
+            return KVTierWorkerMetadata(
+                self.committed | other.committed, self.copied_leases | other.copied_leases,
+                self.step_samples or other.step_samples, self.load_samples or other.load_samples,
+            )
         return self

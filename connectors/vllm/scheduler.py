@@ -1,15 +1,27 @@
 """The scheduler half of KVTierConnector: what to load and what to save, decided per step.
 
-It runs on vLLM's scheduler loop, so it does as little as possible there: one batched Lookup
-per new request, started on a background thread when the request arrives (the scheduler is told
-"ask again" while it runs, and gets a miss if it takes longer than ``timeout_s``; the link
-answers "miss" at once while the daemon is unreachable), and bookkeeping. All bytes move in the
-workers.
+It runs on vLLM's scheduler loop, so it does as little as possible there and never calls the
+daemon on it:
+
+- **Lookups** start on a background thread when a request arrives: one batched Lookup per rank's
+  layout and, for the leading run held in host memory, an Acquire that leases those blocks (they
+  cannot be evicted or moved until released). The scheduler is told "ask again" while the lookup
+  runs, for at most the request's loss allowance (``max_loss_fraction`` of its measured recompute
+  time); a later answer is a miss, and a daemon that misses its call deadline is skipped until it
+  answers again (``connectors.vllm.link``).
+- **Loads.** Blocks leased in host memory are loaded synchronously: the step's metadata carries
+  their arena offsets and checksums, and the workers copy them before the forward without a
+  daemon call. Blocks on disk, S3 or a peer are loaded asynchronously, and only when the measured
+  tier bandwidth makes that clearly faster than recomputing them (``connectors.vllm.estimates``);
+  the request then waits while a worker thread has them promoted, within a :class:`LossBudget`.
+- **Leases** are released (on a background thread) once the workers report the blocks copied, or
+  when the request turns out not to load them, or finishes.
+- **Saves**: a block is saved once it is full and computed; saves run asynchronously in the
+  workers, so a finished request whose blocks are still being copied out is freed only after the
+  workers report it (``delay_free``).
 
 Per request it keeps the kvtier block hashes of its tokens (extended as tokens are generated),
-its engine block ids, which blocks it loaded, and how far saving has got. A block is saved once
-it is full and computed; saves run asynchronously in the workers, so a finished request whose
-blocks are still being saved is freed only after the workers report it (``delay_free``).
+its engine block ids, which blocks it loaded, and how far saving has got.
 """
 
 from __future__ import annotations
@@ -17,18 +29,22 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from connectors.vllm import step_timer
+from connectors.vllm.estimates import Estimates, LossBudget
 from connectors.vllm.identity import hash_extras, layout_for_rank
 from connectors.vllm.link import DaemonLink
-from connectors.vllm.metadata import KVTierConnectorMetadata, KVTierWorkerMetadata, LoadSpec, SaveSpec
+from connectors.vllm.metadata import KVTierConnectorMetadata, KVTierWorkerMetadata, LeasedSlots, LoadSpec, SaveSpec
 from connectors.vllm.settings import ConnectorSettings
 from connectors.vllm.stats import StatsInterval
 from kvtier.blocks import PrefixHasher
+from kvtier.client import DaemonClient, LeaseGrant
+from kvtier.errors import LeaseError
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -41,14 +57,36 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class _Lookup:
+    """What the daemon holds of a request's prompt, as found by its background lookup."""
+
+    tiers: list[str]  # per leading block: the deepest tier any rank holds it in
+    grants: dict[str, LeaseGrant]  # layout id -> lease on the leading run in host memory
+    daemon_instance: str
+    host_run: int  # leading blocks leased for every rank
+    at: float = field(default_factory=time.monotonic)
+
+    def lease_ids(self) -> list[int]:
+        return [grant.lease_id for grant in self.grants.values()]
+
+
+@dataclass(slots=True)
+class _Decision:
+    start: int  # first block to load
+    count: int
+    budget: LossBudget | None  # None: synchronous (host memory, leased)
+    tier: str
+
+
 @dataclass
 class _RequestState:
     request: Request
     hasher: PrefixHasher
-    pending_lookup: Future[list[str] | None] | None = None  # started at arrival, off the step
+    pending_lookup: Future[_Lookup | None] | None = None  # started at arrival, off the step
     lookup_started: float = 0.0
+    decision: _Decision | None = None
     block_ids: list[int] = field(default_factory=list)
-    lookup: tuple[int, int, bool] | None = None  # (first block, blocks found, any below host)
     loaded: range = range(0)
     saved_upto: int = 0  # blocks before this were saved (or loaded) already
     has_saves: bool = False
@@ -68,17 +106,24 @@ class SchedulerSide:
         self.block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.layouts = [layout_for_rank(vllm_config, kv_cache_config, rank, settings.model_id) for rank in range(tp_size)]
+        self.block_nbytes = sum(layout.block_nbytes for layout in self.layouts)
         self.link = DaemonLink(settings, self.layouts, client_id="vllm-scheduler")
+        self.estimates = Estimates(min_prefill_tokens=2 * self.block_size)
         self.link.connect()
+        self.estimates.seed_prefill(self.link.prefill_hint)  # what an earlier engine of this layout measured
+        self._reported_rate_at = 0.0
         self._lookups = ThreadPoolExecutor(2, thread_name_prefix="kvtier-lookup")
+        self._releaser = ThreadPoolExecutor(1, thread_name_prefix="kvtier-release")
+        self._lease_ttl_s = 30.0  # the daemon's default; refreshed from grants
         self._engine_idle = True
         self.requests: dict[str, _RequestState] = {}
         self.pending_loads: list[LoadSpec] = []
         self.unannounced: dict[bytes, _PendingEvent] = {}
         self.events: list[Any] = []
         self.interval = StatsInterval()
-        self.stats = self.interval.total  # lookups, lookup_hit_tokens, lookup_unavailable, load_requests
+        self.stats = self.interval.total
         self.announced: OrderedDict[bytes, None] = OrderedDict()  # blocks already in a STORAGE event
+        self.slowest_lookup_s = 0.0
 
     # ---- lookups -----------------------------------------------------------------------------
 
@@ -98,81 +143,195 @@ class SchedulerSide:
         hashes = state.hasher.update(tokens)
         loadable = hashes[: (len(tokens) - 1) // self.block_size]  # the last token is always computed
         state.lookup_started = time.monotonic()
-        if loadable:
+        if loadable and self.link.available:
             state.pending_lookup = self._lookups.submit(self._lookup, list(loadable))
-        else:  # a prompt shorter than two blocks: nothing to look up
+        else:  # a prompt shorter than two blocks (nothing to load), or a daemon that is late or unreachable
             state.pending_lookup = Future()
-            state.pending_lookup.set_result([])
+            state.pending_lookup.set_result(_Lookup([], {}, "", 0) if not loadable else None)
 
-    def _lookup(self, hashes: list[bytes]) -> list[str] | None:
-        def lookup_every_rank(client) -> list[str]:
+    def _lookup(self, hashes: list[bytes]) -> _Lookup | None:
+        def lookup_and_lease(client: DaemonClient) -> _Lookup:
             found: list[str] | None = None
             for layout in self.layouts:  # a block is usable only if every rank holds it
                 tiers = client.lookup(layout.layout_id, hashes)
                 found = tiers if found is None else [max(a, b, key=_tier_rank) for a, b in zip(found, tiers)]
-            return found or []
+            tiers = found or []
+            host_run = next((i for i, tier in enumerate(tiers) if tier != "host"), len(tiers))
+            grants: dict[str, LeaseGrant] = {}
+            try:
+                for layout in self.layouts if host_run else ():
+                    grants[layout.layout_id] = client.acquire(layout.layout_id, hashes[:host_run])
+                    host_run = min(host_run, len(grants[layout.layout_id].blocks))
+            except BaseException:
+                self._release([grant.lease_id for grant in grants.values()])
+                raise
+            return _Lookup(tiers, grants, client.daemon_instance or "", host_run)
 
-        return self.link.call(lookup_every_rank)
+        if not self.link.available:  # went late while this waited in the queue
+            return None
+        started = time.perf_counter()
+        try:
+            return self.link.call(lookup_and_lease)
+        finally:
+            took = time.perf_counter() - started
+            self.stats["lookup_us"] += int(took * 1e6)
+            self.slowest_lookup_s = max(self.slowest_lookup_s, took)
+
+    def _lookup_allowance_s(self, tokens: int) -> float:
+        """How long a request of ``tokens`` prompt tokens may wait for its lookup."""
+        recompute = self.estimates.recompute_s(tokens)
+        if recompute is None:
+            allowance = 2 * self.settings.min_loss_s  # nothing measured here or by an earlier engine yet
+        else:
+            allowance = max(self.settings.max_loss_fraction * recompute, self.settings.min_loss_s)
+        return min(allowance, self.settings.timeout_s)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Answer from the lookup started at arrival; None ("ask again next step") while it runs."""
         state = self._state(request)
-        state.lookup = None
+        state.decision = None
         if state.pending_lookup is None:
             self._start_lookup(state)  # e.g. a request resumed after preemption
-        if not state.pending_lookup.done():
+        pending = state.pending_lookup
+        if not pending.done():
             # Wait a little only while the engine is idle (the last step scheduled nothing): the
             # wait then delays no one and spares the request a spin of empty steps. A busy
             # engine never waits; the request is asked about again next step.
-            waited = time.perf_counter()
-            try:
-                state.pending_lookup.result(timeout=self.settings.lookup_wait_s if self._engine_idle else 0)
-            except FutureTimeout:
-                pass
-            finally:
-                if self._engine_idle:
+            allowance = self._lookup_allowance_s(len(request.all_token_ids))
+            elapsed = time.monotonic() - state.lookup_started
+            if self._engine_idle and elapsed < allowance:
+                waited = time.perf_counter()
+                try:
+                    pending.result(timeout=min(self.settings.lookup_wait_s, allowance - elapsed))
+                except FutureTimeout:
+                    pass
+                finally:
                     step_timer.record_idle_wait(time.perf_counter() - waited)
-            if not state.pending_lookup.done():
-                if time.monotonic() - state.lookup_started < self.settings.timeout_s:
+            if not pending.done():
+                if time.monotonic() - state.lookup_started < allowance:
                     return None, False
-                self.stats["lookup_unavailable"] += 1
+                self.stats["lookup_late"] += 1
+                self._abandon(state)
                 return 0, False  # too slow: compute rather than wait
-        tiers = state.pending_lookup.result()
+        found = pending.result()
         self.stats["lookups"] += 1
-        start = num_computed_tokens // self.block_size
-        if tiers is None:
+        if found is None:
             self.stats["lookup_unavailable"] += 1
             return 0, False
-        if len(tiers) <= start:
+        if time.monotonic() - found.at > self._lease_ttl_s / 2:  # waited long in the queue: look again
+            self._abandon(state)
+            self._start_lookup(state)
+            return None, False
+        start = num_computed_tokens // self.block_size
+        if len(found.tiers) <= start:
             return 0, False
-        is_async = any(tier != "host" for tier in tiers[start:])
-        state.lookup = (start, len(tiers) - start, is_async)
-        self._announce_stored(request, tiers, state.hasher.hashes)
-        self.stats["lookup_hit_tokens"] += (len(tiers) - start) * self.block_size
-        return (len(tiers) - start) * self.block_size, is_async
+        self._announce_stored(request, found.tiers, state.hasher.hashes)
+        state.decision = self._decide(found, start)
+        if state.decision is None:
+            return 0, False
+        self.stats["lookup_hit_tokens"] += state.decision.count * self.block_size
+        return state.decision.count * self.block_size, state.decision.budget is not None
+
+    def _decide(self, found: _Lookup, start: int) -> _Decision | None:
+        """Load the leased host run synchronously, or everything found asynchronously when the
+        deeper tiers are expected to beat recomputing by a clear margin."""
+        end = len(found.tiers)
+        if end > max(found.host_run, start):
+            nbytes: dict[str, int] = {}
+            for tier in found.tiers[start:end]:
+                nbytes[tier] = nbytes.get(tier, 0) + self.block_nbytes
+            expected = self.estimates.load_s(nbytes)
+            count = end - start
+            recompute = self.estimates.recompute_s(count * self.block_size)
+            if recompute is None or expected <= self.settings.load_worth_ratio * recompute:
+                block_s = self.estimates.recompute_s(self.block_size)
+                budget = LossBudget(count, block_s, expected, self.settings.max_loss_fraction, self.settings.min_loss_s)
+                return _Decision(start, count, budget, max(found.tiers[start:end], key=_tier_rank))
+            self.stats["loads_declined"] += 1
+        if found.host_run > start:
+            return _Decision(start, found.host_run - start, None, "host")
+        return None
+
+    def _abandon(self, state: _RequestState) -> None:
+        """Forget the request's lookup; its leases are released whenever it completes."""
+        pending, state.pending_lookup = state.pending_lookup, None
+        if pending is not None:
+            pending.add_done_callback(lambda f: self._release_lookup(None if f.cancelled() or f.exception() else f.result()))
+
+    def _release_lookup(self, found: _Lookup | None) -> None:
+        if found is not None and found.grants:
+            self._release(found.lease_ids())
+
+    def _release(self, lease_ids: Iterable[int]) -> None:
+        """Release leases on a background thread (never on the step)."""
+        lease_ids = list(lease_ids)
+        if not lease_ids:
+            return
+
+        def release_all(client: DaemonClient) -> None:
+            for lease_id in lease_ids:
+                try:
+                    client.release(lease_id)
+                except LeaseError:
+                    pass  # expired meanwhile
+
+        try:
+            self._releaser.submit(self.link.call, release_all)
+        except RuntimeError:
+            pass  # shutting down: the daemon reclaims them when our connections close
+
+    def _report_prefill_rate(self) -> None:
+        """Tell the daemon the measured prefill rate now and then (off the step), for the next
+        engine of this layout on the node."""
+        rate = self.estimates.prefill_tokens_per_s
+        now = time.monotonic()
+        if rate is None or now - self._reported_rate_at < _REPORT_RATE_EVERY_S:
+            return
+        self._reported_rate_at = now
+
+        def report(client: DaemonClient) -> None:
+            for layout in self.layouts:
+                client.register_layout(layout, prefill_tokens_per_s=rate)
+
+        try:
+            self._releaser.submit(self.link.call, report)
+        except RuntimeError:
+            pass
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         state = self._state(request)
-        lookup, state.lookup = state.lookup, None
-        if num_external_tokens <= 0 or lookup is None:
+        decision, state.decision = state.decision, None
+        if num_external_tokens <= 0 or decision is None:
             if num_external_tokens <= 0:
-                state.pending_lookup = None  # a resumed request looks up afresh
+                self._abandon(state)  # a resumed request looks up afresh; unused leases go back
             return
-        start, found, is_async = lookup
+        found = state.pending_lookup.result()
         state.pending_lookup = None
-        count = min(found, num_external_tokens // self.block_size)
-        block_ids = blocks.get_block_ids()[0]
-        hashes = state.hasher.hashes
-        self.pending_loads.append(
-            LoadSpec(request.request_id, tuple(block_ids[start : start + count]), tuple(hashes[start : start + count]), is_async)
-        )
+        count = min(decision.count, num_external_tokens // self.block_size)
+        start = decision.start
+        block_ids = tuple(blocks.get_block_ids()[0][start : start + count])
+        hashes = tuple(state.hasher.hashes[start : start + count])
+        if decision.budget is None:
+            leases = {
+                layout_id: LeasedSlots(grant.lease_id, found.daemon_instance,
+                                       tuple(b.offset for b in grant.blocks[start : start + count]),
+                                       tuple(b.checksum for b in grant.blocks[start : start + count]))
+                for layout_id, grant in found.grants.items()
+            }
+            self.pending_loads.append(LoadSpec(request.request_id, block_ids, hashes, leases=leases))
+        else:
+            self._release_lookup(found)  # the worker leases what it promotes itself
+            self.pending_loads.append(LoadSpec(request.request_id, block_ids, hashes, budget=decision.budget, tier=decision.tier))
+            self.stats["async_loads"] += 1
+        for grant in found.grants.values():
+            self._lease_ttl_s = grant.expires_in_s
         state.loaded = range(start, start + count)
         self.stats["load_requests"] += 1
 
     # ---- per-step metadata -------------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVTierConnectorMetadata:
-        meta = KVTierConnectorMetadata(loads=self.pending_loads)
+        meta = KVTierConnectorMetadata(loads=self.pending_loads, scheduled_tokens=scheduler_output.total_num_scheduled_tokens)
         self.pending_loads = []
         self._engine_idle = scheduler_output.total_num_scheduled_tokens == 0
         scheduled = scheduler_output.num_scheduled_tokens
@@ -223,8 +382,11 @@ class SchedulerSide:
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         state = self.requests.pop(request.request_id, None)
-        # Saves run in the workers after the step; keep the blocks until they report them done.
-        return (state is not None and state.has_saves), None
+        if state is None:
+            return False, None
+        self._abandon(state)  # a lookup it never used
+        # Saves copy out of the engine's blocks after the step; keep them until the workers say so.
+        return state.has_saves, None
 
     def _remember_for_events(self, request: Request, indexes: list[int], hashes: list[bytes]) -> None:
         vllm_hashes = getattr(request, "block_hashes", None) or []
@@ -257,7 +419,16 @@ class SchedulerSide:
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         meta = getattr(output, "kv_connector_worker_meta", None)
-        if not isinstance(meta, KVTierWorkerMetadata) or not meta.committed:
+        if not isinstance(meta, KVTierWorkerMetadata):
+            return
+        self._release(meta.copied_leases)
+        for tokens, seconds in meta.step_samples:
+            self.estimates.observe_step(tokens, seconds)
+        for tier, nbytes, seconds in meta.load_samples:
+            self.estimates.observe_load(tier, nbytes, seconds)
+        if meta.step_samples:
+            self._report_prefill_rate()
+        if not meta.committed:
             return
         from vllm.distributed.kv_events import MEDIUM_CPU, BlockStored
 
@@ -276,10 +447,14 @@ class SchedulerSide:
 
     def shutdown(self) -> None:
         self._lookups.shutdown(wait=False, cancel_futures=True)
+        self._releaser.shutdown(wait=True)
         self.link.close()
+        log.info("KVTierConnector scheduler stats: %s; slowest lookup %.1f ms; link: %s; prefill %s tokens/s", dict(self.stats),
+                 self.slowest_lookup_s * 1000, self.link.counters, self.estimates.prefill_tokens_per_s)
 
 
 _TIER_ORDER = {"host": 0, "disk": 1, "s3": 2}
+_REPORT_RATE_EVERY_S = 10.0
 _MAX_UNANNOUNCED = 1 << 16
 
 

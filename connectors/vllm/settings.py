@@ -30,15 +30,23 @@ class ConnectorSettings(BaseModel):
     daemon_args: list[str] = Field(default_factory=list)  # extra `kvtier serve` flags for a daemon we start
     daemon_start_timeout_s: float = Field(default=60.0, gt=0)
     model_id: str | None = None  # name in the layout (default: vLLM's model); set it when paths differ per node
-    timeout_s: float = Field(default=2.0, gt=0)  # deadline of each daemon call
-    # How long the scheduler may wait for a new request's lookup (started at arrival) when the
-    # engine is idle, before asking again next step; a busy engine never waits. 0 never waits.
+    # Deadline of each daemon call. A call past it is "late": no request waits for that daemon
+    # until it answers a probe again; it is not treated as gone (only an unreachable one is).
+    timeout_s: float = Field(default=2.0, gt=0)
+    # How long one scheduler call may block for a new request's lookup (started at arrival) while
+    # the engine is idle, before asking again next step; a busy engine never blocks. 0 never blocks.
     lookup_wait_s: float = Field(default=0.002, ge=0, le=0.1)
-    retry_after_s: float = Field(default=5.0, ge=0)  # after a failed call, skip the daemon this long
+    retry_after_s: float = Field(default=5.0, ge=0)  # after the daemon was unreachable, skip it this long
+    # The most kvtier may add to a request's time to first token, against recomputing it: this
+    # fraction of the request's measured recompute time, and at least min_loss_s. Lookups and
+    # loads from disk, S3 or peers that would take longer are given up (what arrived is used).
+    max_loss_fraction: float = Field(default=0.05, gt=0, le=1)
+    min_loss_s: float = Field(default=0.01, gt=0, le=10)
+    # A deeper-tier load is tried only if it is expected to take at most this fraction of the
+    # recompute time of its blocks.
+    load_worth_ratio: float = Field(default=0.5, gt=0, le=1)
     save_generated: bool = True  # also save blocks of generated tokens (multi-turn reuse)
-    async_load_timeout_s: float = Field(default=30.0, gt=0)  # a deeper-tier load not done by then fails
     max_save_queue: int = Field(default=1024, ge=1)  # pending save jobs beyond this are skipped
-
 
 def settings_from(extra_config: Mapping[str, Any] | None) -> ConnectorSettings:
     try:

@@ -1,27 +1,40 @@
 """The worker half of KVTierConnector: bytes between vLLM's paged KV cache and the daemon's arena.
 
-- Loads in host memory at lookup time run before the step's forward: acquire a lease, check
-  each slot's checksum, copy the slots into the engine's blocks, release. For loads from deeper
-  tiers a loader thread asks the daemon to promote the blocks while the request waits; the copy
-  then happens in the next step's ``start_load_kv`` and is reported through ``get_finished``. Any block that cannot be loaded or fails its checksum
-  is reported by ``get_block_ids_with_load_errors`` and vLLM recomputes it: a load never puts
-  unchecked bytes into the engine.
-- Saves never run on the step: ``wait_for_save`` queues them for a saver thread (reserve slots,
-  copy the blocks in after the step's compute finished, commit). Blocks stay valid meanwhile:
-  a finished request's blocks are freed only after its saves are reported done, and a
-  preempted request's saves are finished in ``handle_preemptions`` before its blocks are reused.
+Nothing on the step calls the daemon:
+
+- **Synchronous loads** (blocks the scheduler leased in host memory) are copied before the
+  step's forward, straight from the arena offsets in the step's metadata: each slot's checksum is
+  verified first, then the verified leading run is scattered into the engine's blocks (on CUDA the
+  forward is ordered after the copy on the GPU, without a host wait). The worker then reports the
+  lease as copied and the scheduler releases it.
+- **Asynchronous loads** (disk, S3, peers) run on a loader thread: ask the daemon to promote the
+  blocks, watch them arrive, and stop as soon as waiting longer would cost the request more than
+  its :class:`~connectors.vllm.estimates.LossBudget` allows; lease what arrived, and let the next
+  step copy it (verified, as above) and report the request through ``get_finished``.
+- Any block that cannot be loaded or fails its checksum is reported by
+  ``get_block_ids_with_load_errors`` and vLLM recomputes it: a load never puts unchecked bytes into
+  the engine.
+- **Saves** never run on the step: ``wait_for_save`` queues them for a saver thread (reserve
+  slots, copy the blocks out after the step's compute finished, checksum each slot while its
+  bytes are hot, commit). A request's blocks are needed only until they are copied out: a
+  finished request is reported done then, and a preempted request's not-yet-started saves are
+  dropped in ``handle_preemptions``, which waits only for a copy already running (memory speed).
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import queue
 import threading
+import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -31,9 +44,11 @@ from connectors.vllm.metadata import KVTierConnectorMetadata, KVTierWorkerMetada
 from connectors.vllm.settings import ConnectorSettings
 from connectors.vllm.stats import StatsInterval
 from kvtier.blocks import payload_checksum
-from kvtier.client import DaemonClient, ReserveStatus
+from kvtier.client import DaemonClient, LeaseGrant, ReserveStatus
 from kvtier.client.commit_pipeline import COMMIT_CHUNK_BYTES
 from kvtier.copy import describe_paged_kv, make_page_copier
+from kvtier.copy.base import CudaEventHandle
+from kvtier.errors import LeaseError
 from kvtier.tiers.arena import SharedArena
 
 if TYPE_CHECKING:
@@ -41,8 +56,10 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
 log = logging.getLogger(__name__)
-_PREEMPTION_WAIT_S = 60.0
+_PREEMPTION_WAIT_S = 10.0  # a running copy-out is memory speed; this only bounds a broken device
 _SAVE_BATCH = 64  # save specs merged into one reserve/copy/commit round
+_POLL_FIRST_S = 0.001  # first look at an asynchronous load's progress (doubling from there)
+_POLL_MAX_S = 0.02
 
 
 def _tensor_parallel_rank() -> int:
@@ -52,6 +69,30 @@ def _tensor_parallel_rank() -> int:
         return get_tensor_model_parallel_rank()
     except (ImportError, AssertionError, RuntimeError):
         return 0
+
+
+class _Mapping(NamedTuple):
+    """The daemon's arena as this worker maps it, and which run of the daemon it belongs to."""
+
+    daemon_instance: str
+    arena: SharedArena
+    tensor: torch.Tensor
+
+
+class _Slots(NamedTuple):
+    """Arena slots to copy into engine blocks: offsets and the checksums they must match."""
+
+    daemon_instance: str
+    offsets: Sequence[int]
+    checksums: Sequence[int]
+
+
+@dataclass(slots=True)
+class _SaveJob:
+    seq: int
+    spec: SaveSpec
+    compute_done: Any  # a CUDA event after the forward that wrote the blocks, or None
+    copied: bool = False  # its blocks are out of the engine's cache (or never will be)
 
 
 class WorkerSide:
@@ -64,20 +105,33 @@ class WorkerSide:
         self.enabled = False
         self.paged: Any = None
         self.copier: Any = None
-        self._host: torch.Tensor | None = None
-        self._host_arena: SharedArena | None = None
+        self._mapping: _Mapping | None = None
+        self._map_lock = threading.Lock()
         self._lock = threading.Condition()
-        self._pending_saves: Counter[str] = Counter()
+        # saves
+        self._seq = itertools.count(1)
+        self._pending_copies: Counter[str] = Counter()  # save jobs queued or copying, per request
+        self._copying: Counter[str] = Counter()
+        self._cancelled_upto: dict[str, int] = {}  # preempted: jobs up to this seq are dropped
         self._save_reqs: set[str] = set()
         self._finished_waiting: set[str] = set()
-        self._recving_done: set[str] = set()
-        self._promoted: list[LoadSpec] = []
-        self._failed_block_ids: set[int] = set()
         self._committed: set[bytes] = set()
-        self._save_queue: queue.Queue[tuple[SaveSpec, Any] | None] = queue.Queue()
+        self._save_queue: queue.Queue[_SaveJob | None] = queue.Queue()
         self._saver = threading.Thread(target=self._save_loop, name="kvtier-saver", daemon=True)
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-loader")
+        # loads
+        self._loader = ThreadPoolExecutor(2, thread_name_prefix="kvtier-loader")
         self._releaser = ThreadPoolExecutor(1, thread_name_prefix="kvtier-release")
+        self._ready: list[tuple[LoadSpec, tuple[int, _Slots] | None]] = []  # promoted and leased: copy next step
+        self._recving_done: set[str] = set()
+        self._failed_block_ids: set[int] = set()
+        self._copied_leases: set[int] = set()
+        self._copies_in_flight: list[tuple[CudaEventHandle, int]] = []  # (scatter, scheduler lease) on CUDA
+        # timings for the scheduler's estimates
+        self._step_started: Any = None
+        self._step_load_s = 0.0
+        self._step_samples: list[tuple[int, float]] = []
+        self._cuda_steps: list[tuple[int, Any, Any]] = []
+        self._load_samples: list[tuple[str, int, float]] = []
         self.interval = StatsInterval()
         self.stats = self.interval.total
         self._closed = False
@@ -96,7 +150,7 @@ class WorkerSide:
             return
         device = next(iter(kv_caches.values())).device
         self.copier = make_page_copier(device)
-        self.link.connect()  # at start-up, not on the first step that needs the daemon
+        self.link.call(self._map_arena)  # at start-up, not on the first step that needs the daemon
         self.enabled = True
         self._saver.start()
         atexit.register(self.shutdown)  # an engine that exits without shutdown() still flushes its saves
@@ -108,7 +162,7 @@ class WorkerSide:
         if not self.enabled:
             return
         with self._lock:
-            self._lock.wait_for(lambda: not self._pending_saves and self._save_queue.empty(), _PREEMPTION_WAIT_S)
+            self._lock.wait_for(lambda: not self._pending_copies, _PREEMPTION_WAIT_S)
         self.enabled = False
 
     def resume(self) -> None:
@@ -118,82 +172,172 @@ class WorkerSide:
         self.paged = describe_paged_kv(self._kv_caches)
         self.enabled = True
 
-    def _arena(self, client: DaemonClient) -> torch.Tensor:
-        """The arena as a uint8 tensor (re-mapped when the daemon restarted)."""
-        arena = client.arena()
-        if arena is not self._host_arena:
-            if self._host is not None:
-                self.copier.unregister_host(self._host)  # CUDA: before the old mapping goes away
-            self._host = torch.frombuffer(arena.buffer, dtype=torch.uint8)
-            self._host_arena = arena
-        return self._host
+    def _map_arena(self, client: DaemonClient) -> _Mapping:
+        """The daemon's arena, mapped (again after a daemon restart) off the step."""
+        with self._map_lock:
+            arena = client.arena()
+            mapping = self._mapping
+            if mapping is None or mapping.arena is not arena:
+                tensor = torch.frombuffer(arena.buffer, dtype=torch.uint8)
+                self.copier.register_host(tensor)  # CUDA: pin it now, not inside a copy on the step
+                if mapping is not None:
+                    self.copier.unregister_host(mapping.tensor)
+                mapping = self._mapping = _Mapping(client.daemon_instance or "", arena, tensor)
+            return mapping
+
+    # ---- step timing (for the scheduler's prefill-rate estimate) ------------------------------
+
+    def on_bind(self, meta: KVTierConnectorMetadata) -> None:
+        if not self.enabled or meta.scheduled_tokens < 2 * self.layout.block_size:
+            self._step_started = None
+            return
+        self._step_load_s = 0.0
+        if self.paged.device.type == "cuda":
+            self._step_started = torch.cuda.Event(enable_timing=True)
+            self._step_started.record(torch.cuda.current_stream(self.paged.device))
+        else:
+            self._step_started = time.perf_counter()
+
+    def _end_step(self, meta: KVTierConnectorMetadata) -> None:
+        started, self._step_started = self._step_started, None
+        if started is None:
+            return
+        if isinstance(started, float):
+            self._step_samples.append((meta.scheduled_tokens, time.perf_counter() - started - self._step_load_s))
+        else:  # read once the GPU got there: never wait for it
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record(torch.cuda.current_stream(self.paged.device))
+            self._cuda_steps.append((meta.scheduled_tokens, started, ended))
 
     # ---- loads -------------------------------------------------------------------------------
 
     def start_load_kv(self, meta: KVTierConnectorMetadata) -> None:
+        started = time.perf_counter()
         for spec in meta.loads:
             if not self.enabled:
                 self._fail(spec.block_ids)
                 if spec.is_async:
-                    self._mark_received(spec)
+                    self._mark_received(spec.req_id)
+                for slots in spec.leases.values():
+                    self._copied_leases.add(slots.lease_id)
             elif spec.is_async:
-                self._loader.submit(self._promote, spec)
+                self._loader.submit(self._fetch, spec)
             else:
-                self._load(spec)
-        # Deeper-tier loads whose blocks the daemon has promoted: copy them now, on this thread.
+                self._load_leased(spec)
+        # Deeper-tier loads whose blocks arrived and are leased: copy them now, on this thread.
         # (A loader thread would fight the engine loop for the GIL and take far longer.)
-        if not self._promoted:  # the common case: no lock taken on the step
+        if self._ready:  # the common case is empty: no lock taken on the step
+            with self._lock:
+                ready, self._ready = self._ready, []
+            for spec, leased in ready:
+                try:
+                    if leased is None:
+                        self._fail(spec.block_ids)
+                    else:
+                        lease_id, slots = leased
+                        handle = self._copy_in(spec, slots)
+                        if handle is not None:
+                            handle.wait()  # (CUDA: rare, and before the request's first forward)
+                        self._releaser.submit(self._release_own, lease_id)
+                finally:
+                    self._mark_received(spec.req_id)
+        if meta.loads:
+            self._step_load_s += time.perf_counter() - started
+
+    def _load_leased(self, spec: LoadSpec) -> None:
+        slots = spec.leases.get(self.layout.layout_id)
+        if slots is None:
+            self._fail(spec.block_ids)
             return
-        with self._lock:
-            ready, self._promoted = self._promoted, []
-        for spec in ready:
-            try:
-                self._load(spec)
-            finally:
-                self._mark_received(spec)
+        lease_id = slots.lease_id
+        handle = self._copy_in(spec, _Slots(slots.daemon_instance, slots.offsets, slots.checksums))
+        if isinstance(handle, CudaEventHandle):
+            self._copies_in_flight.append((handle, lease_id))  # the lease holds the slots until the GPU read them
+        else:
+            self._copied_leases.add(lease_id)
 
-    def _promote(self, spec: LoadSpec) -> None:
-        """Loader thread: wait for the daemon to bring the blocks into host memory (disk, S3)."""
+    def _copy_in(self, spec: LoadSpec, slots: _Slots) -> Any:
+        """Verify the leading run of ``slots`` and scatter it into ``spec``'s blocks; fail the rest.
+        Returns the copy's handle (None when nothing was copied)."""
+        mapping = self._mapping
+        good = 0
+        if mapping is None or mapping.daemon_instance != slots.daemon_instance:
+            self.stats["load_stale_arena"] += 1  # the daemon restarted since; map its new arena off the step
+            self._loader.submit(self.link.call, self._map_arena)
+        else:
+            arena = mapping.arena
+            nbytes = self.paged.slot_nbytes
+            for offset, checksum in zip(slots.offsets, slots.checksums):
+                if payload_checksum(arena.view(offset, nbytes)) != checksum:
+                    self.stats["load_corrupt"] += 1
+                    break
+                good += 1
+        handle = None
+        if good:
+            handle = self.copier.scatter(self.paged, list(spec.block_ids[:good]), mapping.tensor, list(slots.offsets[:good]))
+            if isinstance(handle, CudaEventHandle):
+                torch.cuda.current_stream(self.paged.device).wait_event(handle.event)  # the forward reads after the copy
+            else:
+                handle.wait()
+        self.stats["loaded_blocks"] += good
+        if good < len(spec.block_ids):
+            self._fail(spec.block_ids[good:])
+        return handle
+
+    def _fetch(self, spec: LoadSpec) -> None:
+        """Loader thread: have the daemon promote the blocks, within the request's loss budget,
+        and lease the leading run that arrived. The next step copies it."""
+        leased = None
         try:
-            wait_s = self.settings.async_load_timeout_s
-            self.link.call(lambda c: c.prefetch(self.layout.layout_id, list(spec.block_hashes), wait_s=wait_s))
-        except Exception:  # the copy step will find what is missing and report it
-            log.exception("promoting blocks of %s failed", spec.req_id)
+            leased = self.link.call(lambda client: self._promote_and_lease(client, spec))
+        except Exception:  # the copy step fails what is missing
+            log.exception("loading blocks of %s failed", spec.req_id)
         with self._lock:
-            self._promoted.append(spec)
+            self._ready.append((spec, leased))
 
-    def _mark_received(self, spec: LoadSpec) -> None:
-        with self._lock:
-            self._recving_done.add(spec.req_id)
+    def _promote_and_lease(self, client: DaemonClient, spec: LoadSpec) -> tuple[int, _Slots] | None:
+        budget = spec.budget
+        hashes = list(spec.block_hashes)
+        started = time.monotonic()
+        elapsed = 0.0
+        got, done = client.prefetch(self.layout.layout_id, hashes, wait_s=min(budget.remaining_s(0, 0), budget.expected_s),
+                                    timeout_s=budget.remaining_s(0, 0) + 0.05)
+        poll = _POLL_FIRST_S
+        while not done and got < len(hashes):
+            elapsed = time.monotonic() - started
+            if not budget.keep_waiting(elapsed, got):
+                self.stats["load_given_up"] += 1  # waiting longer would cost more than recomputing
+                break
+            time.sleep(min(poll, budget.remaining_s(elapsed, got)))
+            poll = min(poll * 2, _POLL_MAX_S)
+            tiers = client.lookup(self.layout.layout_id, hashes, timeout_s=budget.remaining_s(elapsed, got) + 0.05)
+            got = next((i for i, tier in enumerate(tiers) if tier != "host"), len(tiers))
+            done = len(tiers) < len(hashes) and got == len(tiers)  # the rest is gone: nothing more will come
+        if got == 0:
+            return None
+        elapsed = time.monotonic() - started
+        grant: LeaseGrant = client.acquire(self.layout.layout_id, hashes[:got],
+                                           timeout_s=max(budget.remaining_s(elapsed, got), 0.01) + 0.05)
+        if grant.blocks:
+            with self._lock:
+                self._load_samples.append((spec.tier, len(grant.blocks) * self.layout.block_nbytes, time.monotonic() - started))
+        slots = _Slots(client.daemon_instance or "", [b.offset for b in grant.blocks], [b.checksum for b in grant.blocks])
+        return grant.lease_id, slots
 
-    def _load(self, spec: LoadSpec) -> None:
-        """Copy the leading blocks of ``spec`` the daemon holds (verified); report the rest as failed."""
-
-        def copy_in(client: DaemonClient) -> int:
-            grant = client.acquire(self.layout.layout_id, list(spec.block_hashes))
+    def _release_own(self, lease_id: int) -> None:
+        def release(client: DaemonClient) -> None:
             try:
-                host = self._arena(client)
-                good = 0
-                for block in grant.blocks:
-                    slot = self._host_arena.view(block.offset, block.nbytes)
-                    if block.nbytes != self.paged.slot_nbytes or payload_checksum(slot) != block.checksum:
-                        self.stats["load_corrupt"] += 1
-                        break
-                    good += 1
-                if good:
-                    offsets = [block.offset for block in grant.blocks[:good]]
-                    self.copier.scatter(self.paged, list(spec.block_ids[:good]), host, offsets).wait()
-                return good
-            finally:
-                # Off the step, and not behind a long promotion on the loader thread.
-                self._releaser.submit(self.link.call, lambda c: c.release(grant.lease_id))
+                client.release(lease_id)
+            except LeaseError:
+                pass  # expired meanwhile
 
-        loaded = self.link.call(copy_in, on_step=True) or 0
-        self.stats["loaded_blocks"] += loaded
-        if loaded < len(spec.block_ids):
-            self._fail(spec.block_ids[loaded:])
+        self.link.call(release)
 
-    def _fail(self, block_ids: tuple[int, ...]) -> None:
+    def _mark_received(self, req_id: str) -> None:
+        with self._lock:
+            self._recving_done.add(req_id)
+
+    def _fail(self, block_ids: Sequence[int]) -> None:
         self.stats["load_failed_blocks"] += len(block_ids)
         with self._lock:
             self._failed_block_ids.update(block_ids)
@@ -202,6 +346,7 @@ class WorkerSide:
 
     def wait_for_save(self, meta: KVTierConnectorMetadata) -> None:
         """Queue this step's saves; returns at once (the saver thread does the work)."""
+        self._end_step(meta)
         if not meta.saves:
             return
         if not self.enabled:  # nothing will be saved, but the scheduler holds the blocks until we say so
@@ -219,8 +364,8 @@ class WorkerSide:
                 if self._save_queue.qsize() >= self.settings.max_save_queue:
                     self.stats["save_skipped_blocks"] += len(spec.block_ids)
                     continue
-                self._pending_saves[spec.req_id] += 1
-                self._save_queue.put((spec, compute_done))
+                self._pending_copies[spec.req_id] += 1
+                self._save_queue.put(_SaveJob(next(self._seq), spec, compute_done))
 
     def _save_loop(self) -> None:
         while True:
@@ -231,65 +376,100 @@ class WorkerSide:
                 except queue.Empty:
                     break
             stop = None in batch
-            items = [item for item in batch if item is not None]
+            jobs = [job for job in batch if job is not None]
             try:
-                if items:
-                    self._save([spec for spec, _ in items], [done for _, done in items if done is not None])
+                if jobs:
+                    self._save(jobs)
             except Exception:  # a failed save is a future miss, never a failed request
-                log.exception("saving %d block batches failed", len(items))
+                log.exception("saving %d block batches failed", len(jobs))
                 self.stats["save_failed"] += 1
             finally:
-                with self._lock:
-                    for spec, _ in items:
-                        self._pending_saves[spec.req_id] -= 1
-                        if self._pending_saves[spec.req_id] <= 0:
-                            del self._pending_saves[spec.req_id]
-                    self._lock.notify_all()
+                self._copied(jobs)
             if stop:
                 return
 
-    def _save(self, specs: list[SaveSpec], compute_done: list[Any]) -> None:
-        unique: dict[bytes, int] = {}  # requests sharing a prefix save its blocks once
-        for spec in specs:
-            for block_id, block_hash in zip(spec.block_ids, spec.block_hashes):
-                unique.setdefault(block_hash, block_id)
-        hashes, block_ids = list(unique), list(unique.values())
+    def _live(self, jobs: list[_SaveJob]) -> list[_SaveJob]:
+        """The jobs not dropped by a preemption (call with the lock held)."""
+        return [job for job in jobs if job.seq > self._cancelled_upto.get(job.spec.req_id, 0)]
+
+    def _copied(self, jobs: list[_SaveJob]) -> None:
+        """These jobs no longer need the engine's blocks (copied out, dropped or failed)."""
+        with self._lock:
+            for job in jobs:
+                if job.copied:
+                    continue
+                job.copied = True
+                req_id = job.spec.req_id
+                self._pending_copies[req_id] -= 1
+                if self._pending_copies[req_id] <= 0:
+                    del self._pending_copies[req_id]
+                    self._cancelled_upto.pop(req_id, None)
+            self._lock.notify_all()
+
+    def _save(self, jobs: list[_SaveJob]) -> None:
+        with self._lock:
+            live = self._live(jobs)
+        self.stats["save_skipped_blocks"] += sum(len(job.spec.block_ids) for job in jobs if job not in live)
+        hashes = list(dict.fromkeys(h for job in live for h in job.spec.block_hashes))  # shared prefixes once
+        if not hashes:
+            return
 
         def copy_out(client: DaemonClient) -> list[bytes]:
             reservations = client.reserve(self.layout.layout_id, hashes, self.paged.slot_nbytes)
-            wanted = [(block_id, r) for block_id, r in zip(block_ids, reservations) if r.status is ReserveStatus.RESERVED]
             self.stats["save_present_blocks"] += sum(r.status is ReserveStatus.ALREADY_PRESENT for r in reservations)
             self.stats["save_no_space_blocks"] += sum(r.status is ReserveStatus.NO_SPACE for r in reservations)
-            if not wanted:
-                return []
-            # Copied and committed in chunks: the daemon checksums one chunk while the next is copied.
-            per_chunk = max(1, COMMIT_CHUNK_BYTES // self.paged.slot_nbytes)
-            with client.commit_pipeline([r for _, r in wanted]) as pipeline:
-                for event in compute_done:  # the forward that wrote these blocks has finished
-                    event.synchronize()
-                host = self._arena(client)
-                for start in range(0, len(wanted), per_chunk):
-                    chunk = wanted[start:start + per_chunk]
-                    self.copier.gather(self.paged, [b for b, _ in chunk], host, [r.offset for _, r in chunk]).wait()
-                    pipeline.filled(r for _, r in chunk)
+            with client.commit_pipeline(reservations) as pipeline:
+                mapping = self._map_arena(client)
+                with self._lock:  # a preemption since the reserve drops its jobs; the rest copy now
+                    running = self._live(live)
+                    for job in running:
+                        self._copying[job.spec.req_id] += 1
+                try:
+                    block_of: dict[bytes, int] = {}
+                    for job in running:
+                        for block_id, block_hash in zip(job.spec.block_ids, job.spec.block_hashes):
+                            block_of.setdefault(block_hash, block_id)
+                    wanted = [(block_of[r.block_hash], r) for r in reservations
+                              if r.status is ReserveStatus.RESERVED and r.block_hash in block_of]
+                    for event in {job.compute_done for job in running if job.compute_done is not None}:
+                        event.synchronize()  # the forward that wrote these blocks has finished
+                    # Copied and committed in chunks: one chunk's commit overlaps the next one's copy.
+                    nbytes = self.paged.slot_nbytes
+                    per_chunk = max(1, COMMIT_CHUNK_BYTES // nbytes)
+                    for start in range(0, len(wanted), per_chunk):
+                        chunk = wanted[start:start + per_chunk]
+                        self.copier.gather(self.paged, [b for b, _ in chunk], mapping.tensor, [r.offset for _, r in chunk]).wait()
+                        sums = [payload_checksum(mapping.arena.view(r.offset, nbytes)) for _, r in chunk]
+                        pipeline.filled((r for _, r in chunk), sums)
+                finally:
+                    with self._lock:
+                        for job in running:
+                            self._copying[job.spec.req_id] -= 1
+                            if self._copying[job.spec.req_id] <= 0:
+                                del self._copying[job.spec.req_id]
+                    self._copied(running)  # the engine may reuse their blocks while the commit finishes
             return [r.block_hash for _, r in wanted]
 
         committed = self.link.call(copy_out)
         if committed is None:
-            self.stats["save_unavailable_blocks"] += len(block_ids)
+            self.stats["save_unavailable_blocks"] += len(hashes)
             return
         self.stats["saved_blocks"] += len(committed)
         with self._lock:
             self._committed.update(committed)
 
     def handle_preemptions(self, meta: KVTierConnectorMetadata) -> None:
-        """Finish the saves of preempted requests before their blocks are given to others."""
+        """A preempted request's blocks go to others after this returns: drop its saves that have
+        not started and wait for one that is copying (memory speed; never for the daemon)."""
         if not meta.preempted_req_ids:
             return
         with self._lock:
-            done = self._lock.wait_for(lambda: not (meta.preempted_req_ids & self._pending_saves.keys()), _PREEMPTION_WAIT_S)
+            newest = next(self._seq)
+            for req_id in meta.preempted_req_ids & self._pending_copies.keys():
+                self._cancelled_upto[req_id] = newest
+            done = self._lock.wait_for(lambda: not (meta.preempted_req_ids & self._copying.keys()), _PREEMPTION_WAIT_S)
         if not done:
-            log.error("saves of preempted requests did not finish in %.0fs", _PREEMPTION_WAIT_S)
+            log.error("copying out blocks of preempted requests did not finish in %.0fs", _PREEMPTION_WAIT_S)
 
     # ---- reports to the scheduler ------------------------------------------------------------
 
@@ -298,7 +478,7 @@ class WorkerSide:
             return None, None  # the common case: nothing to report, no lock taken
         with self._lock:
             self._finished_waiting |= finished_req_ids & self._save_reqs
-            sending = {r for r in self._finished_waiting if r not in self._pending_saves}
+            sending = {r for r in self._finished_waiting if r not in self._pending_copies}
             self._finished_waiting -= sending
             self._save_reqs -= sending
             recving, self._recving_done = self._recving_done, set()
@@ -312,13 +492,30 @@ class WorkerSide:
         return failed
 
     def build_worker_meta(self) -> KVTierWorkerMetadata | None:
-        if not self._committed:
+        if self._copies_in_flight:
+            still = []
+            for handle, lease_id in self._copies_in_flight:
+                if handle.done():
+                    self._copied_leases.add(lease_id)
+                else:
+                    still.append((handle, lease_id))
+            self._copies_in_flight = still
+        if self._cuda_steps:
+            pending = []
+            for tokens, started, ended in self._cuda_steps:
+                if ended.query():
+                    self._step_samples.append((tokens, started.elapsed_time(ended) / 1000))
+                else:
+                    pending.append((tokens, started, ended))
+            self._cuda_steps = pending
+        if not (self._committed or self._copied_leases or self._step_samples or self._load_samples):
             return None
         with self._lock:
-            if not self._committed:
-                return None
             committed, self._committed = self._committed, set()
-        return KVTierWorkerMetadata(committed)
+            loads, self._load_samples = self._load_samples, []
+        meta = KVTierWorkerMetadata(committed, self._copied_leases, self._step_samples, loads)
+        self._copied_leases, self._step_samples = set(), []
+        return meta
 
     def shutdown(self) -> None:
         """Finish queued saves (up to 30 s), then let go of the daemon. Idempotent."""
@@ -334,4 +531,3 @@ class WorkerSide:
         if self.copier is not None:
             self.copier.close()
         log.info("KVTierConnector worker stats: %s", dict(self.stats))
-

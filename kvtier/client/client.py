@@ -106,8 +106,10 @@ class DaemonClient:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
-    def register_layout(self, layout: KVLayout) -> RegisteredLayout:
-        reply = self._call("RegisterLayout", pb.RegisterLayoutRequest(layout=layout_to_proto(layout), expected_layout_id=layout.layout_id))
+    def register_layout(self, layout: KVLayout, prefill_tokens_per_s: float = 0.0) -> RegisteredLayout:
+        """Register ``layout`` (idempotent), reporting the engine's measured prefill rate if known."""
+        reply = self._call("RegisterLayout", pb.RegisterLayoutRequest(layout=layout_to_proto(layout), expected_layout_id=layout.layout_id,
+                                                                      prefill_tokens_per_s=prefill_tokens_per_s))
         if reply.daemon_instance != self._daemon_instance:
             if self._arena is not None:
                 self._arena.close()  # a restarted daemon: its arena is a new file
@@ -119,17 +121,25 @@ class DaemonClient:
                 self._fast = FastChannel(reply.fast_socket_path, self.client_id, reply.daemon_instance, self.timeout_s)
         self._daemon_instance = reply.daemon_instance
         self._arena_path = reply.arena_path
-        return RegisteredLayout(reply.layout_id, reply.block_nbytes, reply.arena_path, reply.arena_nbytes, reply.daemon_instance)
+        return RegisteredLayout(reply.layout_id, reply.block_nbytes, reply.arena_path, reply.arena_nbytes, reply.daemon_instance,
+                                reply.prefill_tokens_per_s)
+
+    @property
+    def daemon_instance(self) -> str | None:
+        """The run of the daemon this client registered with (and whose arena it maps)."""
+        return self._daemon_instance
 
     @property
     def fast_path_active(self) -> bool:
         """Whether the hot calls go over the daemon's fast path (after a layout was registered)."""
         return self._fast is not None
 
-    def lookup(self, layout_id: str, block_hashes: Sequence[bytes]) -> list[str]:
+    def lookup(self, layout_id: str, block_hashes: Sequence[bytes], timeout_s: float | None = None) -> list[str]:
+        """The tier of each leading block the daemon holds (the list stops at the first miss).
+        ``timeout_s`` overrides the client's deadline for this call."""
         if self._fast is not None:
-            return self._fast.call("Lookup", {"layout_id": layout_id, "block_hashes": list(block_hashes)})["tiers"]
-        return list(self._call("Lookup", pb.LookupRequest(layout_id=layout_id, block_hashes=block_hashes)).tiers)
+            return self._fast.call("Lookup", {"layout_id": layout_id, "block_hashes": list(block_hashes)}, timeout_s)["tiers"]
+        return list(self._call("Lookup", pb.LookupRequest(layout_id=layout_id, block_hashes=block_hashes), timeout_s).tiers)
 
     def reserve(self, layout_id: str, block_hashes: Sequence[bytes], block_nbytes: int = 0) -> list[Reservation]:
         if self._fast is not None:
@@ -178,13 +188,14 @@ class DaemonClient:
             return self._fast.call("Abort", {"reservation_ids": list(reservation_ids)})["aborted"]
         return self._call("Abort", pb.AbortRequest(client_id=self.client_id, reservation_ids=reservation_ids)).aborted
 
-    def acquire(self, layout_id: str, block_hashes: Sequence[bytes], ttl_s: float = 0) -> LeaseGrant:
+    def acquire(self, layout_id: str, block_hashes: Sequence[bytes], ttl_s: float = 0, timeout_s: float | None = None) -> LeaseGrant:
         if self._fast is not None:
-            reply = self._fast.call("Acquire", {"layout_id": layout_id, "block_hashes": list(block_hashes), "ttl_ms": int(ttl_s * 1000)})
+            reply = self._fast.call("Acquire", {"layout_id": layout_id, "block_hashes": list(block_hashes), "ttl_ms": int(ttl_s * 1000)},
+                                    timeout_s)
             blocks = tuple(LeasedBlock(*slot) for slot in reply["slots"])
             return LeaseGrant(reply["lease_id"], blocks, reply["expires_in_ms"] / 1000)
         grpc_reply = self._call("Acquire", pb.AcquireRequest(client_id=self.client_id, layout_id=layout_id, block_hashes=block_hashes,
-                                                             ttl_ms=int(ttl_s * 1000), daemon_instance=self._daemon_instance or ""))
+                                                             ttl_ms=int(ttl_s * 1000), daemon_instance=self._daemon_instance or ""), timeout_s)
         blocks = tuple(LeasedBlock(s.block_hash, s.offset, s.nbytes, s.checksum) for s in grpc_reply.slots)
         return LeaseGrant(grpc_reply.lease_id, blocks, grpc_reply.expires_in_ms / 1000)
 
@@ -194,13 +205,17 @@ class DaemonClient:
             return
         self._call("Release", pb.ReleaseRequest(client_id=self.client_id, lease_id=lease_id))
 
-    def prefetch(self, layout_id: str, block_hashes: Sequence[bytes], wait_s: float = 0) -> tuple[int, bool]:
+    def prefetch(self, layout_id: str, block_hashes: Sequence[bytes], wait_s: float = 0, timeout_s: float | None = None) -> tuple[int, bool]:
+        """Start promoting blocks into host memory; wait up to ``wait_s`` for it to finish. Returns
+        (leading blocks in host memory now, whether promotion finished). The call's deadline is
+        ``timeout_s`` (default: the client's) beyond ``wait_s``."""
+        deadline = (self.timeout_s if timeout_s is None else timeout_s) + wait_s
         if self._fast is not None:
             reply = self._fast.call("Prefetch", {"layout_id": layout_id, "block_hashes": list(block_hashes), "wait_ms": int(wait_s * 1000)},
-                                    timeout_s=self.timeout_s + wait_s)
+                                    timeout_s=deadline)
             return reply["host_blocks"], reply["done"]
         grpc_reply = self._call("Prefetch", pb.PrefetchRequest(layout_id=layout_id, block_hashes=block_hashes, wait_ms=int(wait_s * 1000)),
-                                timeout_s=self.timeout_s + wait_s)
+                                timeout_s=deadline)
         return grpc_reply.host_blocks, grpc_reply.done
 
     def disconnect(self) -> tuple[int, int]:

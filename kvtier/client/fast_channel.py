@@ -20,7 +20,7 @@ from typing import Any
 
 from kvtier.client.status import error_for_status
 from kvtier.daemon.fast_wire import PROTOCOL_VERSION, FrameReader, FrameTooLargeError, encode
-from kvtier.errors import DaemonError, DaemonUnavailableError, InvalidRequestError
+from kvtier.errors import DaemonError, DaemonTimeoutError, DaemonUnavailableError, InvalidRequestError
 
 # Replies are bounded by the daemon's own limit; this only guards against a broken peer.
 _MAX_REPLY_BYTES = 1 << 30
@@ -54,7 +54,7 @@ class _Connection:
         try:
             self.sock.sendall(frame)
         except BlockingIOError:  # SO_SNDTIMEO expired
-            raise DaemonUnavailableError(f"{op}: the daemon did not take the request within {self.timeout_s}s", code="DEADLINE_EXCEEDED") from None
+            raise DaemonTimeoutError(f"{op}: the daemon did not take the request within {self.timeout_s}s", code="DEADLINE_EXCEEDED") from None
         except OSError as exc:
             raise DaemonUnavailableError(f"{op}: the connection to the daemon at {self.path} broke ({exc})", code="UNAVAILABLE") from None
 
@@ -62,7 +62,7 @@ class _Connection:
         try:
             reply = self.reader.receive()
         except BlockingIOError:  # SO_RCVTIMEO expired
-            raise DaemonUnavailableError(f"{op}: the daemon did not answer within {self.timeout_s}s", code="DEADLINE_EXCEEDED") from None
+            raise DaemonTimeoutError(f"{op}: the daemon did not answer within {self.timeout_s}s", code="DEADLINE_EXCEEDED") from None
         except (OSError, FrameTooLargeError, InvalidRequestError) as exc:
             raise DaemonUnavailableError(f"{op}: the connection to the daemon at {self.path} broke ({exc})", code="UNAVAILABLE") from None
         if reply is None:

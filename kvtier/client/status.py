@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from kvtier.errors import AuthenticationError, DaemonError, DaemonUnavailableError, InvalidRequestError, LayoutError, LeaseError
+from kvtier.errors import AuthenticationError, DaemonError, DaemonTimeoutError, DaemonUnavailableError, InvalidRequestError, LayoutError, LeaseError
 
 _ERROR_OF: dict[str, type[Exception]] = {
     "INVALID_ARGUMENT": InvalidRequestError,
     "FAILED_PRECONDITION": LayoutError,
     "NOT_FOUND": LeaseError,
     "UNAVAILABLE": DaemonUnavailableError,
-    "DEADLINE_EXCEEDED": DaemonUnavailableError,
+    "DEADLINE_EXCEEDED": DaemonTimeoutError,
     "UNAUTHENTICATED": AuthenticationError,
     "PERMISSION_DENIED": AuthenticationError,
 }

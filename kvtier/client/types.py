@@ -23,6 +23,7 @@ class RegisteredLayout:
     arena_path: str
     arena_nbytes: int
     daemon_instance: str  # changes when the daemon restarts
+    prefill_tokens_per_s: float = 0.0  # the latest rate a client of this layout reported (0: none)
 
 
 class Reservation(NamedTuple):  # tuples: built per block, cheaply

@@ -138,6 +138,9 @@ class PageCopier(ABC):
     def _copy(self, kv: PagedKV, request: CopyRequest) -> CopyHandle:
         """Move the bytes of a validated, non-empty request."""
 
+    def register_host(self, host: torch.Tensor) -> Any:  # noqa: B027 - optional hook
+        """Prepare ``host`` for copies now rather than on the first copy (CUDA: pin it)."""
+
     def unregister_host(self, host: torch.Tensor) -> None:  # noqa: B027 - optional hook
         """Forget ``host`` before its memory is unmapped (backends that register host memory)."""
 

@@ -81,6 +81,7 @@ class DaemonCore:
         self._clock = clock
         self._lock = threading.Lock()
         self._layouts: dict[str, KVLayout] = {}
+        self._prefill_rates: dict[str, float] = {}  # layout id -> tokens/s a client measured (advisory)
         self._reservations: dict[int, _Reservation] = {}
         self._leases: dict[int, _LeaseOwner] = {}
         self.started_at = time.time()
@@ -88,7 +89,11 @@ class DaemonCore:
 
     # ---- layouts -----------------------------------------------------------------------------
 
-    def register_layout(self, layout: KVLayout, expected_layout_id: str = "") -> KVLayout:
+    def register_layout(self, layout: KVLayout, expected_layout_id: str = "", *, prefill_tokens_per_s: float = 0.0) -> KVLayout:
+        """Register (again: idempotent) a layout; a positive ``prefill_tokens_per_s`` is what the
+        client measured of its engine, kept for the next client (:meth:`prefill_rate`)."""
+        if not 0 <= prefill_tokens_per_s < 1e12:
+            raise InvalidRequestError(f"prefill_tokens_per_s must be a non-negative rate, got {prefill_tokens_per_s}")
         if expected_layout_id and expected_layout_id != layout.layout_id:
             raise LayoutError(
                 f"client computed layout id {expected_layout_id}, daemon computes {layout.layout_id} for the "
@@ -96,7 +101,14 @@ class DaemonCore:
             )
         with self._lock:
             self._layouts.setdefault(layout.layout_id, layout)
+            if prefill_tokens_per_s > 0:
+                self._prefill_rates[layout.layout_id] = prefill_tokens_per_s
         return layout
+
+    def prefill_rate(self, layout_id: str) -> float:
+        """The latest prefill rate (tokens/s) a client reported for ``layout_id``; 0 if none."""
+        with self._lock:
+            return self._prefill_rates.get(layout_id, 0.0)
 
     def layout(self, layout_id: str) -> KVLayout:
         with self._lock:

@@ -65,7 +65,8 @@ class DaemonServicer(pb_grpc.KVTierDaemonServicer):
 
     @_rpc
     def RegisterLayout(self, request: pb.RegisterLayoutRequest, context: grpc.ServicerContext) -> pb.RegisterLayoutResponse:
-        layout = self.core.register_layout(layout_from_proto(request.layout), request.expected_layout_id)
+        layout = self.core.register_layout(layout_from_proto(request.layout), request.expected_layout_id,
+                                           prefill_tokens_per_s=request.prefill_tokens_per_s)
         arena = self.core.chain.host.arena
         return pb.RegisterLayoutResponse(
             layout_id=layout.layout_id,
@@ -74,6 +75,7 @@ class DaemonServicer(pb_grpc.KVTierDaemonServicer):
             arena_nbytes=arena.nbytes,
             daemon_instance=self.core.instance,
             fast_socket_path=self.fast_socket_path,
+            prefill_tokens_per_s=self.core.prefill_rate(layout.layout_id),
         )
 
     @_rpc

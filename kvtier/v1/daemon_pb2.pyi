@@ -60,28 +60,32 @@ class LayoutDescriptor(_message.Message):
     def __init__(self, model: _Optional[str] = ..., model_revision: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_size: _Optional[int] = ..., head_size_v: _Optional[int] = ..., block_size: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., pp_rank: _Optional[int] = ..., pp_size: _Optional[int] = ..., page_layout: _Optional[str] = ..., kv_format: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RegisterLayoutRequest(_message.Message):
-    __slots__ = ("layout", "expected_layout_id")
+    __slots__ = ("layout", "expected_layout_id", "prefill_tokens_per_s")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     layout: LayoutDescriptor
     expected_layout_id: str
-    def __init__(self, layout: _Optional[_Union[LayoutDescriptor, _Mapping]] = ..., expected_layout_id: _Optional[str] = ...) -> None: ...
+    prefill_tokens_per_s: float
+    def __init__(self, layout: _Optional[_Union[LayoutDescriptor, _Mapping]] = ..., expected_layout_id: _Optional[str] = ..., prefill_tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class RegisterLayoutResponse(_message.Message):
-    __slots__ = ("layout_id", "block_nbytes", "arena_path", "arena_nbytes", "daemon_instance", "fast_socket_path")
+    __slots__ = ("layout_id", "block_nbytes", "arena_path", "arena_nbytes", "daemon_instance", "fast_socket_path", "prefill_tokens_per_s")
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_NBYTES_FIELD_NUMBER: _ClassVar[int]
     ARENA_PATH_FIELD_NUMBER: _ClassVar[int]
     ARENA_NBYTES_FIELD_NUMBER: _ClassVar[int]
     DAEMON_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     FAST_SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     layout_id: str
     block_nbytes: int
     arena_path: str
     arena_nbytes: int
     daemon_instance: str
     fast_socket_path: str
-    def __init__(self, layout_id: _Optional[str] = ..., block_nbytes: _Optional[int] = ..., arena_path: _Optional[str] = ..., arena_nbytes: _Optional[int] = ..., daemon_instance: _Optional[str] = ..., fast_socket_path: _Optional[str] = ...) -> None: ...
+    prefill_tokens_per_s: float
+    def __init__(self, layout_id: _Optional[str] = ..., block_nbytes: _Optional[int] = ..., arena_path: _Optional[str] = ..., arena_nbytes: _Optional[int] = ..., daemon_instance: _Optional[str] = ..., fast_socket_path: _Optional[str] = ..., prefill_tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("layout_id", "block_hashes")

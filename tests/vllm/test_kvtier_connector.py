@@ -162,7 +162,7 @@ def test_corrupt_disk_block_is_recomputed(tiny_model, workdir, reference, daemon
         assert disk.corrupt == 1
         assert disk.promotions >= 4  # at least the four blocks before the bad one (promotion runs in parallel)
         host = client.stats().chain.tiers[0].counters
-        assert host.misses >= 1  # every lease stopped at the bad block: nothing after it was loaded
+        assert host.hits > 0, host  # the blocks before the bad one were loaded
     assert not victim.exists()
 
 
