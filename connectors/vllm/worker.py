@@ -60,6 +60,7 @@ _PREEMPTION_WAIT_S = 10.0  # a running copy-out is memory speed; this only bound
 _SAVE_BATCH = 64  # save specs merged into one reserve/copy/commit round
 _POLL_FIRST_S = 0.001  # first look at an asynchronous load's progress (doubling from there)
 _POLL_MAX_S = 0.02
+_CALL_SLACK_S = 0.05  # added to each daemon call's deadline beyond what the budget has left
 
 
 def _tensor_parallel_rank() -> int:
@@ -296,33 +297,17 @@ class WorkerSide:
             self._ready.append((spec, leased))
 
     def _promote_and_lease(self, client: DaemonClient, spec: LoadSpec) -> tuple[int, _Slots] | None:
-        budget = spec.budget
-        hashes = list(spec.block_hashes)
         started = time.monotonic()
-        elapsed = 0.0
-        got, done = client.prefetch(self.layout.layout_id, hashes, wait_s=min(budget.remaining_s(0, 0), budget.expected_s),
-                                    timeout_s=budget.remaining_s(0, 0) + 0.05)
-        poll = _POLL_FIRST_S
-        while not done and got < len(hashes):
-            elapsed = time.monotonic() - started
-            if not budget.keep_waiting(elapsed, got):
-                self.stats["load_given_up"] += 1  # waiting longer would cost more than recomputing
-                break
-            time.sleep(min(poll, budget.remaining_s(elapsed, got)))
-            poll = min(poll * 2, _POLL_MAX_S)
-            tiers = client.lookup(self.layout.layout_id, hashes, timeout_s=budget.remaining_s(elapsed, got) + 0.05)
-            got = next((i for i, tier in enumerate(tiers) if tier != "host"), len(tiers))
-            done = len(tiers) < len(hashes) and got == len(tiers)  # the rest is gone: nothing more will come
-        if got == 0:
+        outcome = promote_and_lease(client, self.layout.layout_id, spec)
+        if outcome is None:
             return None
-        elapsed = time.monotonic() - started
-        grant: LeaseGrant = client.acquire(self.layout.layout_id, hashes[:got],
-                                           timeout_s=max(budget.remaining_s(elapsed, got), 0.01) + 0.05)
-        if grant.blocks:
-            with self._lock:
-                self._load_samples.append((spec.tier, len(grant.blocks) * self.layout.block_nbytes, time.monotonic() - started))
-        slots = _Slots(client.daemon_instance or "", [b.offset for b in grant.blocks], [b.checksum for b in grant.blocks])
-        return grant.lease_id, slots
+        grant, gave_up = outcome
+        self.stats["load_given_up"] += gave_up
+        if not grant.blocks:
+            return None
+        with self._lock:
+            self._load_samples.append((spec.tier, len(grant.blocks) * self.layout.block_nbytes, time.monotonic() - started))
+        return grant.lease_id, _Slots(client.daemon_instance or "", [b.offset for b in grant.blocks], [b.checksum for b in grant.blocks])
 
     def _release_own(self, lease_id: int) -> None:
         def release(client: DaemonClient) -> None:
@@ -531,3 +516,31 @@ class WorkerSide:
         if self.copier is not None:
             self.copier.close()
         log.info("KVTierConnector worker stats: %s", dict(self.stats))
+
+
+def promote_and_lease(client: DaemonClient, layout_id: str, spec: LoadSpec) -> tuple[LeaseGrant, bool] | None:
+    """Have the daemon promote ``spec``'s blocks into host memory and lease the leading run that
+    arrived, within ``spec.budget``: the wait stops as soon as it would cost the request more than
+    the budget allows against recomputing, and every call's deadline is what the budget has left.
+    Returns (the lease, whether it gave up early), or None if no block arrived."""
+    budget = spec.budget
+    hashes = list(spec.block_hashes)
+    started = time.monotonic()
+    got, done = client.prefetch(layout_id, hashes, wait_s=min(budget.remaining_s(0, 0), budget.expected_s),
+                                timeout_s=budget.remaining_s(0, 0) + _CALL_SLACK_S)
+    poll, gave_up = _POLL_FIRST_S, False
+    while not done and got < len(hashes):
+        elapsed = time.monotonic() - started
+        if not budget.keep_waiting(elapsed, got):
+            gave_up = True  # waiting longer would cost more than recomputing
+            break
+        time.sleep(min(poll, budget.remaining_s(elapsed, got)))
+        poll = min(poll * 2, _POLL_MAX_S)
+        tiers = client.lookup(layout_id, hashes, timeout_s=budget.remaining_s(elapsed, got) + _CALL_SLACK_S)
+        got = next((i for i, tier in enumerate(tiers) if tier != "host"), len(tiers))
+        done = len(tiers) < len(hashes) and got == len(tiers)  # the rest is gone: nothing more will come
+    if got == 0:
+        return None
+    elapsed = time.monotonic() - started
+    grant = client.acquire(layout_id, hashes[:got], timeout_s=budget.remaining_s(elapsed, got) + _CALL_SLACK_S)
+    return grant, gave_up

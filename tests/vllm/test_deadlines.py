@@ -1,0 +1,184 @@
+"""Deadlines that mean what they say, without an engine: the link tells a late daemon from a gone
+one (a real daemon, SIGSTOPped and killed), the loss budget bounds what a load may cost against
+recomputing, the scheduler only tries deeper-tier loads that should beat recomputing, and a
+worker's asynchronous load gives up with what arrived when the daemon stops answering."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from connectors.vllm.estimates import Estimates, LossBudget  # noqa: E402
+from connectors.vllm.link import DaemonLink  # noqa: E402
+from connectors.vllm.metadata import LoadSpec  # noqa: E402
+from connectors.vllm.settings import settings_from  # noqa: E402
+from kvtier.blocks import KVLayout, hash_prompt  # noqa: E402
+from kvtier.testing.daemon import LocalDaemon, wait_until  # noqa: E402
+
+LAYOUT = KVLayout(model="test/tiny", dtype="float16", num_layers=2, num_kv_heads=2, head_size=64, block_size=16)
+HASHES = hash_prompt(list(range(16 * 24)), 16)
+
+
+@pytest.fixture
+def daemon() -> Iterator[LocalDaemon]:
+    root = Path(tempfile.mkdtemp(prefix="kvd-", dir="/tmp"))
+    process = LocalDaemon(root, env={"KVTIER_HOST_SLAB_SIZE": "1MiB"})
+    process.start()
+    yield process
+    if process.process.poll() is None:
+        process.process.send_signal(signal.SIGCONT)
+        process.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def make_link(daemon: LocalDaemon, **settings) -> DaemonLink:
+    link = DaemonLink(settings_from({"socket_path": str(daemon.socket_path), "timeout_s": 0.3, **settings}), [LAYOUT],
+                      client_id="deadline-test")
+    assert link.connect()
+    return link
+
+
+def test_a_late_daemon_is_skipped_until_it_answers_again(daemon: LocalDaemon) -> None:
+    link = make_link(daemon, retry_after_s=60)
+    try:
+        assert link.call(lambda c: c.lookup(LAYOUT.layout_id, HASHES)) == []
+        daemon.process.send_signal(signal.SIGSTOP)
+        assert link.call(lambda c: c.lookup(LAYOUT.layout_id, HASHES)) is None  # the call misses its deadline
+        assert not link.available and link.counters["timeouts"] == 1
+        ran: list[bool] = []
+        assert link.call(lambda c: ran.append(True)) is None
+        assert not ran, "while the daemon is late no call may wait for it"
+        daemon.process.send_signal(signal.SIGCONT)
+        assert wait_until(lambda: link.available, timeout=10), "the probe must notice the daemon answers again"
+        # Late is not gone: no back-off (retry_after_s is a minute here), the same connection works.
+        assert link.call(lambda c: c.lookup(LAYOUT.layout_id, HASHES)) == []
+        assert link.counters["unreachable"] == 0
+    finally:
+        link.close()
+
+
+def test_an_unreachable_daemon_is_backed_off_then_reconnected(daemon: LocalDaemon) -> None:
+    link = make_link(daemon, retry_after_s=0.5)
+    try:
+        daemon.stop()
+        assert link.call(lambda c: c.lookup(LAYOUT.layout_id, HASHES)) is None
+        assert link.counters["unreachable"] == 1 and not link.available
+        ran: list[bool] = []
+        assert link.call(lambda c: ran.append(True)) is None and not ran  # backing off: no call at all
+        daemon.start()
+        assert wait_until(lambda: link.call(lambda c: c.lookup(LAYOUT.layout_id, HASHES)) == [], timeout=10)
+    finally:
+        link.close()
+
+
+def test_a_refused_call_is_one_miss_not_a_back_off(daemon: LocalDaemon) -> None:
+    link = make_link(daemon, retry_after_s=60)
+    try:
+        assert link.call(lambda c: c.lookup(LAYOUT.layout_id, [b"short"])) is None  # INVALID_ARGUMENT
+        assert link.counters["refused"] == 1 and link.available
+        assert link.call(lambda c: c.lookup(LAYOUT.layout_id, HASHES)) == []
+    finally:
+        link.close()
+
+
+def test_loss_budget_bounds_the_cost_of_waiting() -> None:
+    budget = LossBudget(blocks=100, recompute_block_s=0.01, expected_s=0.1, max_loss_fraction=0.05, min_loss_s=0.001)
+    assert budget.allowance_s == pytest.approx(0.05)  # 5% of the 1 s it takes to recompute all
+    assert budget.keep_waiting(0.04, got=0)
+    assert not budget.keep_waiting(0.05, got=0)  # nothing arrived: the allowance is spent
+    assert budget.keep_waiting(0.5, got=50)  # what arrived paid for the wait
+    assert not budget.keep_waiting(0.56, got=50)
+    # Whenever the rule stops a load, recomputing the rest costs at most the allowance more than
+    # recomputing everything: elapsed + (blocks - got) * block_s <= blocks * block_s + allowance.
+    for got in range(0, 101, 10):
+        for step in range(0, 2000):
+            elapsed = step * 0.001
+            if not budget.keep_waiting(elapsed, got):
+                assert elapsed + (100 - got) * 0.01 <= 1.0 + budget.allowance_s + 0.002  # one step of the loop
+                break
+    assert LossBudget(4, 0.001, 0.001, 0.05, 0.01).allowance_s == 0.01  # the floor
+    unknown = LossBudget(blocks=10, recompute_block_s=None, expected_s=0.02, max_loss_fraction=0.05, min_loss_s=0.001)
+    assert unknown.block_s == pytest.approx(0.004)  # assumed twice the expected load
+
+
+def test_estimates_learn_rates_and_keep_priors_until_then() -> None:
+    estimates = Estimates(min_prefill_tokens=64)
+    assert estimates.recompute_s(1000) is None
+    estimates.observe_step(16, 1.0)  # a decode step: not a prefill rate
+    assert estimates.recompute_s(1000) is None
+    estimates.seed_prefill(10_000)
+    assert estimates.recompute_s(1000) == pytest.approx(0.1)
+    estimates.observe_step(2000, 0.1)  # 20k tokens/s measured here takes over
+    assert 0.05 < estimates.recompute_s(1000) < 0.1
+    prior = estimates.load_s({"disk": 100 << 20})
+    estimates.observe_load("disk", 100 << 20, 1.0)  # a slow disk: ~100 MiB/s
+    assert estimates.load_s({"disk": 100 << 20}) > 5 * prior
+    assert estimates.load_s({"s3": 1 << 20}) > estimates.load_s({"disk": 1 << 20})
+
+
+def _scheduler(tmp_path: Path, **settings):
+    """A scheduler half whose daemon is unreachable (its decisions need none)."""
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+
+    from connectors.vllm.scheduler import SchedulerSide
+
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float16)
+    kv_cache_config = KVCacheConfig(num_blocks=4, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
+    vllm_config = SimpleNamespace(model_config=SimpleNamespace(model="test/model", revision=None),
+                                  parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, rank=0),
+                                  cache_config=SimpleNamespace(cache_dtype="auto"))
+    return SchedulerSide(vllm_config, kv_cache_config, settings_from({"socket_path": str(tmp_path / "none.sock"), **settings}))
+
+
+def test_deeper_tiers_are_loaded_only_when_they_beat_recomputing(tmp_path: Path) -> None:
+    from connectors.vllm.scheduler import _Lookup
+
+    scheduler = _scheduler(tmp_path)
+    try:
+        found = _Lookup(["host"] * 4 + ["disk"] * 60, {}, "run", host_run=4)
+        decision = scheduler._decide(found, start=0)
+        assert decision.budget is not None and decision.count == 64  # nothing measured: try it, within a budget
+        scheduler.estimates.seed_prefill(1e9)  # recomputing is nearly free: loading cannot win
+        decision = scheduler._decide(found, start=0)
+        assert decision.budget is None and decision.count == 4  # only the host run, synchronously
+        assert scheduler.stats["loads_declined"] == 1
+        assert scheduler._decide(found, start=4) is None  # past the host run: nothing worth loading
+    finally:
+        scheduler.shutdown()
+
+
+def test_an_async_load_gives_up_when_the_daemon_stops(daemon: LocalDaemon) -> None:
+    """The loader thread's promotion against a real daemon: all of it when the blocks are there;
+    stopped, the call's deadline is what the budget has left (a fraction of a second), not the
+    link's call deadline (half a minute here). Checked loosely: this is no timing test."""
+    import time
+
+    from connectors.vllm.worker import promote_and_lease
+    from kvtier.errors import DaemonTimeoutError
+
+    link = make_link(daemon, timeout_s=30)
+    client = link.client
+    client.write_blocks(LAYOUT.layout_id, {h: bytes([i]) * LAYOUT.block_nbytes for i, h in enumerate(HASHES)})
+    budget = LossBudget(len(HASHES), 0.001, 0.001, 0.05, 0.05)
+    spec = LoadSpec("r", tuple(range(len(HASHES))), tuple(HASHES), budget=budget, tier="disk")
+    try:
+        grant, gave_up = promote_and_lease(client, LAYOUT.layout_id, spec)
+        assert len(grant.blocks) == len(HASHES) and not gave_up
+        client.release(grant.lease_id)
+        daemon.process.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(DaemonTimeoutError):
+            promote_and_lease(client, LAYOUT.layout_id, spec)
+        assert time.monotonic() - started < 10
+    finally:
+        daemon.process.send_signal(signal.SIGCONT)
+        link.close()
