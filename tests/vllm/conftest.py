@@ -49,6 +49,12 @@ DEFAULT_LLM_KWARGS: dict[str, Any] = {
 # Environment for the engine subprocess (shared with kvtier.testing.engine).
 DEFAULT_ENGINE_ENV: dict[str, str] = {**ENGINE_ENV, "OMP_NUM_THREADS": "2"}
 
+# vLLM's own process layout and CPU binding, as a user gets them: engine core and worker in their
+# own processes, the worker pinned to a core with its OpenMP threads bound there.
+AS_USERS_RUN_IT: dict[str, str | None] = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": None, "VLLM_CPU_OMP_THREADS_BIND": None, "OMP_NUM_THREADS": None,
+}
+
 ENGINE_TIMEOUT_S = 600
 
 _RUNNER = textwrap.dedent(
@@ -171,7 +177,7 @@ def run_engine_subprocess(
     max_tokens: int = 16,
     logprobs: int = 5,
     llm_kwargs: dict[str, Any] | None = None,
-    env: dict[str, str] | None = None,
+    env: dict[str, str | None] | None = None,
     timeout: float = ENGINE_TIMEOUT_S,
     name: str = "engine",
 ) -> EngineRun:
@@ -179,7 +185,8 @@ def run_engine_subprocess(
     ``LLM.generate`` call per batch, greedy, ``ignore_eos``) and return the results.
 
     ``llm_kwargs`` update :data:`DEFAULT_LLM_KWARGS` (a ``None`` value removes a key); ``env``
-    updates :data:`DEFAULT_ENGINE_ENV` over the current environment. The log is kept in
+    updates :data:`DEFAULT_ENGINE_ENV` over the current environment (a ``None`` value removes a
+    variable; :data:`AS_USERS_RUN_IT` undoes the test defaults that keep vLLM in one process). The log is kept in
     ``workdir/<name>.log`` and included in the failure message.
     """
     workdir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +215,12 @@ def run_engine_subprocess(
             }
         )
     )
-    full_env = {**os.environ, **DEFAULT_ENGINE_ENV, **(env or {})}
+    full_env = {**os.environ, **DEFAULT_ENGINE_ENV}
+    for key, value in (env or {}).items():  # a None value removes the variable
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
     # The repository root on the path, so connector modules (kvtier...) import in the engine.
     repo_root = str(Path(__file__).resolve().parents[2])
     full_env["PYTHONPATH"] = os.pathsep.join(
@@ -256,6 +268,15 @@ def tiny_model() -> Path:
     from kvtier.testing.tiny_model import tiny_model_path
 
     return tiny_model_path(seed=0)
+
+
+@pytest.fixture(scope="session")
+def wide_model() -> Path:
+    """A generated model with real-model block sizes: 1 MiB per 32-token block (see WIDE_MODEL)."""
+    pytest.importorskip("vllm")
+    from kvtier.testing.tiny_model import WIDE_MODEL, tiny_model_path
+
+    return tiny_model_path(seed=0, **WIDE_MODEL)
 
 
 @pytest.fixture
