@@ -3,15 +3,18 @@
 A block that kvtier brings back is worth it only while bringing it back is faster than computing
 it again. Two rates decide that, both measured in this engine:
 
-- **Prefill rate** (tokens per second): the workers time each step's forward (from binding the
-  step's metadata to the end of ``wait_for_save``; CUDA events on GPUs, read once they completed)
-  and report ``(scheduled tokens, seconds)`` for steps that carried at least a few blocks of
-  prefill. Steps mix prefill with decode and a request shares a step with others, so this is the
-  engine's best throughput: the recompute time it predicts is a lower bound, which makes every
-  decision below err towards recomputing.
-- **Tier bandwidth** (bytes per second, plus a fixed cost per load): the workers time each load
-  from disk or S3 (promotion by the daemon until the blocks are leased) and report
-  ``(tier, bytes, seconds)``. Until a tier has been measured, a conservative prior stands.
+- **Prefill cost per token**: the workers time each step's forward (from binding the step's
+  metadata to the end of ``wait_for_save``, minus the time spent copying loads in; CUDA events on
+  GPUs, read once they completed) and report ``(scheduled tokens, seconds)`` for steps that
+  carried at least a few blocks. A step costs a fixed part (the model's pass, sampling) plus a
+  part per token; a load saves only the second, so the estimate is the slope of a least-squares
+  line through recent steps (time = fixed + slope x tokens), which is what recomputing a prefix
+  adds to its request's step. Until steps of different sizes have been seen, tokens over seconds
+  of the largest steps stands in (an overestimate of the slope, never seen for long).
+- **Tier load time** (a fixed cost per load plus a cost per byte, fitted the same way): the
+  workers time each load from disk or S3 (promotion by the daemon until the blocks are leased)
+  and report ``(tier, bytes, seconds)``. Each tier's line starts from a conservative prior, which
+  measured loads move and then replace.
 
 :class:`LossBudget` turns them into the rule a waiting request follows: it may spend on kvtier at
 most ``max_loss_fraction`` of its recompute time (at least ``min_loss_s``) beyond what the blocks
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvtier.chain.promotion import FetchBudget
+
 # Priors before a tier's first measured load: (bytes per second, seconds per load).
 _TIER_PRIORS: dict[str, tuple[float, float]] = {
     "host": (4e9, 0.0005),
@@ -32,6 +37,51 @@ _TIER_PRIORS: dict[str, tuple[float, float]] = {
 _UNKNOWN_TIER = (1e8, 0.03)  # a tier this connector does not know (a peer, a new backend)
 _SMOOTHING = 0.3  # weight of a new sample in the running estimates
 _SEED_SECONDS = 0.05  # a seeded rate counts as one step of this length
+
+
+class _LineFit:
+    """An exponentially weighted least-squares line ``y = a + b x`` through (x, y) samples, with
+    ``y / x`` of the largest recent samples as the slope until their sizes spread enough."""
+
+    def __init__(self) -> None:
+        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self.max_x = 0.0
+        self.largest = _Rate()
+
+    def add(self, x: float, y: float) -> None:
+        if x <= 0 or y <= 0:
+            return
+        keep = 1 - _SMOOTHING / 4  # slower than the rates: a line needs several sizes of step
+        self.n, self.sx, self.sy = keep * self.n + 1, keep * self.sx + x, keep * self.sy + y
+        self.sxx, self.sxy = keep * self.sxx + x * x, keep * self.sxy + x * y
+        self.max_x = max(x, self.max_x * keep)
+        if x >= 0.5 * self.max_x:
+            self.largest.add(y, x)  # seconds per token
+
+    def _line(self) -> tuple[float, float] | None:
+        """(intercept, slope) when the samples' sizes spread enough for a line with a positive slope."""
+        if self.n == 0:
+            return None
+        mean_x, mean_y = self.sx / self.n, self.sy / self.n
+        variance = self.sxx / self.n - mean_x**2
+        if variance > (0.25 * mean_x) ** 2:
+            slope = (self.sxy / self.n - mean_x * mean_y) / variance
+            if slope > 0:
+                return max(0.0, mean_y - slope * mean_x), slope
+        return None
+
+    @property
+    def slope(self) -> float | None:
+        """Seconds per unit of x; None before any sample."""
+        line = self._line()
+        return line[1] if line else self.largest.per_second
+
+    def predict(self, x: float) -> float | None:
+        line = self._line()
+        if line is not None:
+            return line[0] + line[1] * x
+        slope = self.largest.per_second
+        return x * slope if slope else None
 
 
 class _Rate:
@@ -60,8 +110,8 @@ class Estimates:
 
     def __init__(self, min_prefill_tokens: int) -> None:
         self.min_prefill_tokens = min_prefill_tokens
-        self._prefill = _Rate()
-        self._tiers: dict[str, _Rate] = {}
+        self._prefill = _LineFit()
+        self._tiers: dict[str, _LineFit] = {}
 
     # ---- samples ----------------------------------------------------------------------------
 
@@ -72,34 +122,38 @@ class Estimates:
     def seed_prefill(self, tokens_per_s: float) -> None:
         """Start from a rate measured elsewhere (an earlier engine of the same layout on this node);
         worth one typical step, so this engine's own steps take over quickly."""
-        if tokens_per_s > 0 and self._prefill.per_second is None:
+        if tokens_per_s > 0 and self._prefill.slope is None:
             self._prefill.add(tokens_per_s * _SEED_SECONDS, _SEED_SECONDS)
+
+    def _tier(self, tier: str) -> _LineFit:
+        """A tier's load time against bytes, seeded with its prior (two points on its prior line)."""
+        fit = self._tiers.get(tier)
+        if fit is None:
+            bandwidth, latency = _TIER_PRIORS.get(tier, _UNKNOWN_TIER)
+            fit = self._tiers[tier] = _LineFit()
+            for nbytes in (64 << 10, 64 << 20):
+                fit.add(nbytes, latency + nbytes / bandwidth)
+        return fit
 
     def observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
         """A load of ``nbytes`` whose slowest part came from ``tier`` took ``seconds``."""
-        _, latency = _TIER_PRIORS.get(tier, _UNKNOWN_TIER)
-        self._tiers.setdefault(tier, _Rate()).add(nbytes, max(seconds - latency, seconds * 0.1))
+        self._tier(tier).add(nbytes, seconds)
 
     # ---- predictions -------------------------------------------------------------------------
 
     @property
     def prefill_tokens_per_s(self) -> float | None:
-        return self._prefill.per_second
+        slope = self._prefill.slope
+        return 1 / slope if slope else None
 
     def recompute_s(self, tokens: int) -> float | None:
-        """Seconds to compute ``tokens`` tokens at the measured rate; None before any sample."""
-        rate = self._prefill.per_second
-        return tokens / rate if rate else None
+        """Seconds that computing ``tokens`` more tokens adds to a step; None before any sample."""
+        slope = self._prefill.slope
+        return tokens * slope if slope else None
 
     def load_s(self, nbytes_by_tier: dict[str, int]) -> float:
         """Expected seconds to bring these bytes into host memory and lease them."""
-        total = 0.0
-        for tier, nbytes in nbytes_by_tier.items():
-            prior_bandwidth, latency = _TIER_PRIORS.get(tier, _UNKNOWN_TIER)
-            measured = self._tiers.get(tier)
-            bandwidth = (measured.per_second if measured else None) or prior_bandwidth
-            total = max(total, latency) + nbytes / bandwidth  # tiers are read one after another
-        return total
+        return sum(self._tier(tier).predict(nbytes) or 0.0 for tier, nbytes in nbytes_by_tier.items())
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,9 +162,9 @@ class LossBudget:
 
     ``recompute_block_s``: seconds to compute one of its blocks (None: not measured yet; then a
     block is assumed to cost twice its expected load time, the least for which loading is tried).
-    The request may lose at most ``max(max_loss_fraction * R(all blocks), min_loss_s)`` against
-    recomputing: :meth:`keep_waiting` says whether, ``elapsed_s`` after the load started with
-    ``got`` leading blocks in host memory, waiting longer can still beat that.
+    The request may lose at most ``allowance_s = max(max_loss_fraction * R(all blocks), min_loss_s)``
+    against recomputing: the daemon keeps it waiting only while the time spent, less the compute
+    time of the leading blocks that arrived, stays under the allowance (:meth:`fetch_budget`).
     """
 
     blocks: int
@@ -129,10 +183,11 @@ class LossBudget:
     def allowance_s(self) -> float:
         return max(self.max_loss_fraction * self.block_s * self.blocks, self.min_loss_s)
 
-    def keep_waiting(self, elapsed_s: float, got: int) -> bool:
-        """Time spent minus the compute time of what it bought stays within the allowance."""
-        return elapsed_s - got * self.block_s < self.allowance_s
+    @property
+    def max_wait_s(self) -> float:
+        """The longest the rule can ever let a request wait (every block arriving just in time)."""
+        return self.allowance_s + self.blocks * self.block_s
 
-    def remaining_s(self, elapsed_s: float, got: int) -> float:
-        """How much longer waiting stays within the allowance with ``got`` blocks so far."""
-        return max(0.0, self.allowance_s + got * self.block_s - elapsed_s)
+    def fetch_budget(self) -> FetchBudget:
+        """The rule as the daemon applies it while the request waits (``kvtier.chain.promotion``)."""
+        return FetchBudget(self.block_s, self.allowance_s)

@@ -5,7 +5,7 @@ cannot serve it now, and what happens next depends on why:
 
 - **Unreachable** (no socket, connection refused or broken): the link backs off for
   ``retry_after_s`` (calls answer ``None`` at once), then reconnects, registers its layouts again
-  and maps the (new) arena.
+  and maps the (new) arena. In the embedded default it first starts a daemon again if none runs.
 - **Slow** (the daemon took the call but missed its deadline: busy, stopped, hung): not a dead
   daemon, so no back-off and no reconnect; calls answer ``None`` at once while a background probe
   asks the daemon a trivial question, and the link is usable again the moment one is answered.
@@ -34,7 +34,7 @@ from kvtier.blocks import KVLayout
 from kvtier.client import DaemonClient
 from kvtier.errors import DaemonTimeoutError, DaemonUnavailableError, KVTierError, LayoutError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handler, format and VLLM_LOGGING_LEVEL
 T = TypeVar("T")
 
 _PROBE_INTERVAL_S = 0.05  # between probes of a slow daemon (doubling up to _PROBE_MAX_INTERVAL_S)
@@ -115,12 +115,20 @@ class DaemonLink:
         except DaemonUnavailableError as exc:
             self.counters["unreachable"] += 1
             self._registered = False
+            if self.settings.socket_path is None:
+                self._forget_client()  # embedded default: the next connect starts a daemon again if none runs
             self._down_until = time.monotonic() + self.settings.retry_after_s
             log.warning("kvtier daemon unreachable (%s); treating kvtier as a miss for %.1fs", exc, self.settings.retry_after_s)
         except KVTierError as exc:
             self.counters["refused"] += 1
             log.warning("kvtier daemon refused a call (%s); that call is a miss", exc)
         return None
+
+    def _forget_client(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     def _on_timeout(self, exc: DaemonTimeoutError) -> None:
         self.counters["timeouts"] += 1

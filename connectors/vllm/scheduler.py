@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handler, format and VLLM_LOGGING_LEVEL
 
 
 @dataclass(slots=True)
@@ -124,6 +124,7 @@ class SchedulerSide:
         self.stats = self.interval.total
         self.announced: OrderedDict[bytes, None] = OrderedDict()  # blocks already in a STORAGE event
         self.slowest_lookup_s = 0.0
+        self._tried_at: dict[str, float] = {}  # tier -> when a load from it was last tried
 
     # ---- lookups -----------------------------------------------------------------------------
 
@@ -243,11 +244,17 @@ class SchedulerSide:
             expected = self.estimates.load_s(nbytes)
             count = end - start
             recompute = self.estimates.recompute_s(count * self.block_size)
-            if recompute is None or expected <= self.settings.load_worth_ratio * recompute:
+            deepest = max(found.tiers[start:end], key=_tier_rank)
+            stale = time.monotonic() - self._tried_at.get(deepest, 0.0) > _RETRY_DECLINED_S
+            if recompute is None or expected <= self.settings.load_worth_ratio * recompute or stale:
+                # A tier measured as too slow is tried again now and then (within the budget, which
+                # bounds what a try can cost): a slow start must not rule it out for good.
+                self._tried_at[deepest] = time.monotonic()
                 block_s = self.estimates.recompute_s(self.block_size)
                 budget = LossBudget(count, block_s, expected, self.settings.max_loss_fraction, self.settings.min_loss_s)
-                return _Decision(start, count, budget, max(found.tiers[start:end], key=_tier_rank))
+                return _Decision(start, count, budget, deepest)
             self.stats["loads_declined"] += 1
+            log.debug("load from %s declined: expected %.1f ms against %.1f ms to recompute", deepest, expected * 1000, recompute * 1000)
         if found.host_run > start:
             return _Decision(start, found.host_run - start, None, "host")
         return None
@@ -455,6 +462,7 @@ class SchedulerSide:
 
 _TIER_ORDER = {"host": 0, "disk": 1, "s3": 2}
 _REPORT_RATE_EVERY_S = 10.0
+_RETRY_DECLINED_S = 5.0  # a tier whose loads were declined is tried again after this long
 _MAX_UNANNOUNCED = 1 << 16
 
 

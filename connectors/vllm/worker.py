@@ -44,7 +44,8 @@ from connectors.vllm.metadata import KVTierConnectorMetadata, KVTierWorkerMetada
 from connectors.vllm.settings import ConnectorSettings
 from connectors.vllm.stats import StatsInterval
 from kvtier.blocks import payload_checksum
-from kvtier.client import DaemonClient, LeaseGrant, ReserveStatus
+from kvtier.client import DaemonClient, ReserveStatus
+from kvtier.client.types import FetchResult
 from kvtier.client.commit_pipeline import COMMIT_CHUNK_BYTES
 from kvtier.copy import describe_paged_kv, make_page_copier
 from kvtier.copy.base import CudaEventHandle
@@ -55,12 +56,10 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handler, format and VLLM_LOGGING_LEVEL
 _PREEMPTION_WAIT_S = 10.0  # a running copy-out is memory speed; this only bounds a broken device
 _SAVE_BATCH = 64  # save specs merged into one reserve/copy/commit round
-_POLL_FIRST_S = 0.001  # first look at an asynchronous load's progress (doubling from there)
-_POLL_MAX_S = 0.02
-_CALL_SLACK_S = 0.05  # added to each daemon call's deadline beyond what the budget has left
+_CALL_SLACK_S = 0.1  # a fetch's deadline beyond the longest wait its budget allows
 
 
 def _tensor_parallel_rank() -> int:
@@ -298,12 +297,10 @@ class WorkerSide:
 
     def _promote_and_lease(self, client: DaemonClient, spec: LoadSpec) -> tuple[int, _Slots] | None:
         started = time.monotonic()
-        outcome = promote_and_lease(client, self.layout.layout_id, spec)
-        if outcome is None:
-            return None
-        grant, gave_up = outcome
-        self.stats["load_given_up"] += gave_up
-        if not grant.blocks:
+        fetched = promote_and_lease(client, self.layout.layout_id, spec)
+        self.stats["load_given_up"] += fetched.gave_up
+        grant = fetched.lease
+        if grant is None or not grant.blocks:
             return None
         with self._lock:
             self._load_samples.append((spec.tier, len(grant.blocks) * self.layout.block_nbytes, time.monotonic() - started))
@@ -518,29 +515,11 @@ class WorkerSide:
         log.info("KVTierConnector worker stats: %s", dict(self.stats))
 
 
-def promote_and_lease(client: DaemonClient, layout_id: str, spec: LoadSpec) -> tuple[LeaseGrant, bool] | None:
+def promote_and_lease(client: DaemonClient, layout_id: str, spec: LoadSpec) -> FetchResult:
     """Have the daemon promote ``spec``'s blocks into host memory and lease the leading run that
-    arrived, within ``spec.budget``: the wait stops as soon as it would cost the request more than
-    the budget allows against recomputing, and every call's deadline is what the budget has left.
-    Returns (the lease, whether it gave up early), or None if no block arrived."""
+    arrived, in one call, within ``spec.budget``: the daemon stops waiting as soon as waiting would
+    cost the request more than the budget allows against recomputing, and the call's deadline is
+    the longest wait the budget can ever allow, plus a little."""
     budget = spec.budget
-    hashes = list(spec.block_hashes)
-    started = time.monotonic()
-    got, done = client.prefetch(layout_id, hashes, wait_s=min(budget.remaining_s(0, 0), budget.expected_s),
-                                timeout_s=budget.remaining_s(0, 0) + _CALL_SLACK_S)
-    poll, gave_up = _POLL_FIRST_S, False
-    while not done and got < len(hashes):
-        elapsed = time.monotonic() - started
-        if not budget.keep_waiting(elapsed, got):
-            gave_up = True  # waiting longer would cost more than recomputing
-            break
-        time.sleep(min(poll, budget.remaining_s(elapsed, got)))
-        poll = min(poll * 2, _POLL_MAX_S)
-        tiers = client.lookup(layout_id, hashes, timeout_s=budget.remaining_s(elapsed, got) + _CALL_SLACK_S)
-        got = next((i for i, tier in enumerate(tiers) if tier != "host"), len(tiers))
-        done = len(tiers) < len(hashes) and got == len(tiers)  # the rest is gone: nothing more will come
-    if got == 0:
-        return None
-    elapsed = time.monotonic() - started
-    grant = client.acquire(layout_id, hashes[:got], timeout_s=budget.remaining_s(elapsed, got) + _CALL_SLACK_S)
-    return grant, gave_up
+    return client.fetch(layout_id, list(spec.block_hashes), budget.fetch_budget(), max_wait_s=budget.max_wait_s,
+                        timeout_s=_CALL_SLACK_S)

@@ -29,10 +29,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 from kvtier.blocks.checksum import payload_checksum
 from kvtier.blocks.keys import BlockKey
+from kvtier.chain.promotion import Promotion
 from kvtier.chain.records import BlockRecord, Lease, NotReserved
 from kvtier.chain.stats import ChainStats, TierCounters, TierStats
 from kvtier.config import ChainConfig, WriteMode
@@ -95,7 +96,6 @@ class TierChain:
         self._closed = False
         self._demoter = ThreadPoolExecutor(self.config.demotion_threads, thread_name_prefix="kvtier-demote")
         self._promoter = ThreadPoolExecutor(self.config.promotion_threads, thread_name_prefix="kvtier-promote")
-        self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="kvtier-prefetch")
         for state in self._states[1:]:
             self._load_catalogue(state)
 
@@ -490,19 +490,17 @@ class TierChain:
         if corrupt:
             self._delete_below(state, [key])
 
-    def prefetch(self, keys: Sequence[BlockKey]) -> Future[int]:
-        """Promote the longest present run of ``keys`` into host memory in the background.
-
-        The future's result is how many leading keys are in host memory when it finishes.
-        """
-
-        def run() -> int:
-            present = list(itertools.takewhile(self.contains, keys))
-            # Blocks are promoted concurrently (S3 and NVMe serve parallel reads far faster).
-            promoted = list(self._promoter.map(self._promote, present))
-            return next((count for count, ok in enumerate(promoted) if not ok), len(promoted))
-
-        return self._prefetcher.submit(run)
+    def prefetch(self, keys: Sequence[BlockKey]) -> Promotion:
+        """Promote the longest present run of ``keys`` into host memory in the background; the
+        :class:`Promotion` tells how far its leading run has got (its ``result`` waits for the end).
+        Blocks are promoted concurrently (S3 and NVMe serve parallel reads far faster), in order."""
+        present = list(itertools.takewhile(self.contains, keys))
+        promotion = Promotion(len(present))
+        for index, key in enumerate(present):
+            future = self._promoter.submit(self._promote, key)
+            future.add_done_callback(
+                lambda f, i=index: promotion.settle(i, not f.cancelled() and f.exception() is None and bool(f.result())))
+        return promotion
 
     # ---- leases ------------------------------------------------------------------------------
 
@@ -586,7 +584,6 @@ class TierChain:
             self._closed = True
         self.flush(flush_timeout)
         self._demoter.shutdown(wait=True, cancel_futures=True)
-        self._prefetcher.shutdown(wait=True, cancel_futures=True)
         self._promoter.shutdown(wait=True, cancel_futures=True)
         for state in self._states:
             state.tier.close()

@@ -29,7 +29,8 @@ from kvtier.chain.stats import ChainStats, TierCounters, TierStats
 from kvtier.client.commit_pipeline import COMMIT_CHUNK_BYTES, CommitPipeline
 from kvtier.client.fast_channel import FastChannel
 from kvtier.client.status import error_for_status
-from kvtier.client.types import DaemonStats, LeasedBlock, LeaseGrant, PendingCommit, RegisteredLayout, Reservation, ReserveStatus
+from kvtier.chain.promotion import FetchBudget
+from kvtier.client.types import DaemonStats, FetchResult, LeasedBlock, LeaseGrant, PendingCommit, RegisteredLayout, Reservation, ReserveStatus
 from kvtier.daemon.wire import layout_to_proto
 from kvtier.errors import CorruptBlockError, LayoutError
 from kvtier.tiers.arena import SharedArena
@@ -217,6 +218,32 @@ class DaemonClient:
         grpc_reply = self._call("Prefetch", pb.PrefetchRequest(layout_id=layout_id, block_hashes=block_hashes, wait_ms=int(wait_s * 1000)),
                                 timeout_s=deadline)
         return grpc_reply.host_blocks, grpc_reply.done
+
+    def fetch(self, layout_id: str, block_hashes: Sequence[bytes], budget: FetchBudget, *, max_wait_s: float,
+              lease_ttl_s: float = 0, timeout_s: float | None = None) -> FetchResult:
+        """Promote blocks into host memory for a waiting request and lease the leading run that
+        arrived, in one call: the daemon waits while ``budget`` allows (and at most ``max_wait_s``),
+        re-judging each time a block arrives. The call's deadline is ``max_wait_s`` plus the
+        client's ``timeout_s`` (or ``timeout_s``)."""
+        wait_ms = max(1, int(max_wait_s * 1000))
+        block_us, allowance_us = int(budget.block_s * 1e6), max(1, int(budget.allowance_s * 1e6))
+        timeout_s = (self.timeout_s if timeout_s is None else timeout_s) + max_wait_s
+        if self._fast is not None:
+            reply = self._fast.call("Prefetch", {"layout_id": layout_id, "block_hashes": list(block_hashes), "wait_ms": wait_ms,
+                                                 "block_us": block_us, "allowance_us": allowance_us, "lease": True,
+                                                 "lease_ttl_ms": int(lease_ttl_s * 1000)}, timeout_s=timeout_s)
+            grant = (LeaseGrant(reply["lease_id"], tuple(LeasedBlock(*slot) for slot in reply["slots"]), reply["expires_in_ms"] / 1000)
+                     if "lease_id" in reply else None)
+            return FetchResult(reply["host_blocks"], reply["done"], reply["gave_up"], grant)
+        request = pb.PrefetchRequest(layout_id=layout_id, block_hashes=block_hashes, wait_ms=wait_ms, block_us=block_us,
+                                     allowance_us=allowance_us, lease=True, lease_ttl_ms=int(lease_ttl_s * 1000),
+                                     client_id=self.client_id, daemon_instance=self._daemon_instance or "")
+        grpc_reply = self._call("Prefetch", request, timeout_s=timeout_s)
+        grant = None
+        if grpc_reply.host_blocks:
+            grant = LeaseGrant(grpc_reply.lease_id, tuple(LeasedBlock(s.block_hash, s.offset, s.nbytes, s.checksum) for s in grpc_reply.slots),
+                               grpc_reply.expires_in_ms / 1000)
+        return FetchResult(grpc_reply.host_blocks, grpc_reply.done, grpc_reply.gave_up, grant)
 
     def disconnect(self) -> tuple[int, int]:
         if self._fast is not None:

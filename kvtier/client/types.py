@@ -49,6 +49,14 @@ class LeaseGrant:
 
 
 @dataclass(frozen=True, slots=True)
+class FetchResult:
+    host_blocks: int  # leading blocks in host memory when the daemon stopped waiting
+    done: bool  # the promotion finished
+    gave_up: bool  # the budget ended the wait first
+    lease: LeaseGrant | None  # on those blocks (None when there are none)
+
+
+@dataclass(frozen=True, slots=True)
 class DaemonStats:
     chain: ChainStats
     active_reservations: int

@@ -29,6 +29,7 @@ from typing import NamedTuple
 from kvtier.blocks.keys import BlockKey, keys_for
 from kvtier.blocks.layout import KVLayout
 from kvtier.chain import ChainStats, NotReserved, TierChain
+from kvtier.chain.promotion import FetchBudget
 from kvtier.config import DaemonConfig
 from kvtier.errors import InvalidRequestError, LayoutError, LeaseError
 from kvtier.tiers.host import Slot
@@ -59,6 +60,14 @@ class AcquireOutcome:
     lease_id: int
     slots: tuple[LeasedSlot, ...]
     ttl_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchOutcome:
+    host_blocks: int  # leading blocks in host memory when the call returned
+    done: bool  # the promotion finished (nothing more will arrive)
+    gave_up: bool  # stopped by the budget before it finished
+    lease: AcquireOutcome | None  # on the leading host run, when asked for
 
 
 @dataclass(slots=True)
@@ -130,21 +139,31 @@ class DaemonCore:
     def lookup(self, layout_id: str, block_hashes: Sequence[bytes]) -> list[str]:
         return self.chain.lookup(self._keys(layout_id, block_hashes))
 
-    def prefetch(self, layout_id: str, block_hashes: Sequence[bytes], wait_s: float) -> tuple[int, bool]:
-        """Start promoting; return (leading blocks in host memory now, whether promotion finished)."""
+    def prefetch(self, layout_id: str, block_hashes: Sequence[bytes], wait_s: float, *, budget: FetchBudget | None = None,
+                 lease_for: str | None = None, lease_ttl_s: float = 0, daemon_instance: str = "") -> PrefetchOutcome:
+        """Start promoting and wait up to ``wait_s`` for it to finish, or less under ``budget``
+        (a waiting request's loss budget: see :class:`FetchBudget`). With ``lease_for`` (a client
+        id), lease the leading run that is in host memory when the wait ends, in the same call."""
         keys = self._keys(layout_id, block_hashes)
-        future = self.chain.prefetch(keys)
-        if wait_s > 0:
-            try:
-                future.result(timeout=wait_s)
-            except TimeoutError:
-                pass
+        if lease_for is not None:
+            self.check_client_id(lease_for)
+            self.check_instance(daemon_instance)
+        promotion = self.chain.prefetch(keys)
+
+        def remaining_s(elapsed_s: float, got: int) -> float:
+            left = wait_s - elapsed_s
+            return left if budget is None else min(left, budget.remaining_s(elapsed_s, got))
+
+        finished = promotion.wait(remaining_s) if wait_s > 0 else promotion.finished
         host_blocks = 0
         for tier in self.chain.lookup(keys):
             if tier != self.chain.host.name:
                 break
             host_blocks += 1
-        return host_blocks, future.done()
+        lease = None
+        if lease_for is not None and host_blocks:
+            lease = self.acquire(lease_for, layout_id, block_hashes[:host_blocks], lease_ttl_s, daemon_instance=daemon_instance)
+        return PrefetchOutcome(host_blocks, promotion.finished, not finished and budget is not None, lease)
 
     # ---- writes ------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from prometheus_client import Histogram
 
+from kvtier.chain.promotion import FetchBudget
 from kvtier.daemon.core import DaemonCore
 from kvtier.daemon.fast_wire import PROTOCOL_VERSION, FrameReader, FrameTooLargeError, encode
 from kvtier.daemon.metrics import RPC_LATENCY
@@ -117,9 +118,15 @@ class _Session:
         return {}
 
     def prefetch(self, request: Request) -> dict[str, Any]:
-        host_blocks, done = self.core.prefetch(_field(request, "layout_id", str), _field(request, "block_hashes", list),
-                                               _seconds(request, "wait_ms"))
-        return {"host_blocks": host_blocks, "done": done}
+        block_us, allowance_us = _field(request, "block_us", int, 0), _field(request, "allowance_us", int, 0)
+        lease = bool(request.get("lease", False))
+        outcome = self.core.prefetch(_field(request, "layout_id", str), _field(request, "block_hashes", list), _seconds(request, "wait_ms"),
+                                     budget=FetchBudget(block_us / 1e6, allowance_us / 1e6) if allowance_us > 0 else None,
+                                     lease_for=self.client_id if lease else None, lease_ttl_s=_seconds(request, "lease_ttl_ms"))
+        reply: dict[str, Any] = {"host_blocks": outcome.host_blocks, "done": outcome.done, "gave_up": outcome.gave_up}
+        if outcome.lease is not None:
+            reply.update(lease_id=outcome.lease.lease_id, slots=outcome.lease.slots, expires_in_ms=int(outcome.lease.ttl_s * 1000))
+        return reply
 
     def disconnect(self, request: Request) -> dict[str, Any]:
         leases, reservations = self.core.disconnect(self.client_id)

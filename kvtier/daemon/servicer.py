@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import grpc
 
 from kvtier import __version__
+from kvtier.chain.promotion import FetchBudget
 from kvtier.daemon.core import DaemonCore, ReserveStatus
 from kvtier.daemon.metrics import RPC_LATENCY
 from kvtier.daemon.status import status_name_of
@@ -114,7 +115,7 @@ class DaemonServicer(pb_grpc.KVTierDaemonServicer):
                                     daemon_instance=request.daemon_instance)
         return pb.AcquireResponse(
             lease_id=outcome.lease_id,
-            slots=[pb.Slot(block_hash=s.block_hash, offset=s.offset, nbytes=s.nbytes, checksum=s.checksum) for s in outcome.slots],
+            slots=_slots_to_proto(outcome.slots),
             expires_in_ms=int(outcome.ttl_s * 1000),
         )
 
@@ -125,8 +126,16 @@ class DaemonServicer(pb_grpc.KVTierDaemonServicer):
 
     @_rpc
     def Prefetch(self, request: pb.PrefetchRequest, context: grpc.ServicerContext) -> pb.PrefetchResponse:
-        host_blocks, done = self.core.prefetch(request.layout_id, request.block_hashes, request.wait_ms / 1000)
-        return pb.PrefetchResponse(host_blocks=host_blocks, done=done)
+        budget = FetchBudget(request.block_us / 1e6, request.allowance_us / 1e6) if request.allowance_us else None
+        outcome = self.core.prefetch(request.layout_id, request.block_hashes, request.wait_ms / 1000, budget=budget,
+                                     lease_for=request.client_id if request.lease else None, lease_ttl_s=request.lease_ttl_ms / 1000,
+                                     daemon_instance=request.daemon_instance)
+        reply = pb.PrefetchResponse(host_blocks=outcome.host_blocks, done=outcome.done, gave_up=outcome.gave_up)
+        if outcome.lease is not None:
+            reply.lease_id = outcome.lease.lease_id
+            reply.slots.extend(_slots_to_proto(outcome.lease.slots))
+            reply.expires_in_ms = int(outcome.lease.ttl_s * 1000)
+        return reply
 
     @_rpc
     def Disconnect(self, request: pb.DisconnectRequest, context: grpc.ServicerContext) -> pb.DisconnectResponse:
@@ -155,3 +164,7 @@ class DaemonServicer(pb_grpc.KVTierDaemonServicer):
             node=self.node,
             version=__version__,
         )
+
+
+def _slots_to_proto(slots) -> list[pb.Slot]:
+    return [pb.Slot(block_hash=s.block_hash, offset=s.offset, nbytes=s.nbytes, checksum=s.checksum) for s in slots]

@@ -103,6 +103,19 @@ class LocalDaemon:
             self.process.wait()
             raise
 
+    def pause(self) -> None:
+        """SIGSTOP the daemon and wait until it is stopped (signals arrive asynchronously): a
+        daemon that takes calls but never answers them."""
+        import psutil
+
+        self.process.send_signal(signal.SIGSTOP)
+        process = psutil.Process(self.process.pid)
+        if not wait_until(lambda: process.status() == psutil.STATUS_STOPPED, timeout=10, interval=0.01):
+            raise RuntimeError(f"daemon {self.process.pid} did not stop")
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
     def restart(self) -> None:
         self.stop()
         self.start()

@@ -126,6 +126,10 @@ class SharedArena:
 
     def _populate(self) -> None:
         try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only: after serving and engines
+        except (AttributeError, OSError):
+            pass
+        try:
             madvise = _libc().madvise
             holder = ctypes.c_char.from_buffer(self._map)  # an export of the map, only to learn its address
             base = ctypes.addressof(holder)

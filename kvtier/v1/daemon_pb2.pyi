@@ -210,22 +210,42 @@ class ReleaseResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PrefetchRequest(_message.Message):
-    __slots__ = ("layout_id", "block_hashes", "wait_ms")
+    __slots__ = ("layout_id", "block_hashes", "wait_ms", "block_us", "allowance_us", "lease", "lease_ttl_ms", "client_id", "daemon_instance")
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_US_FIELD_NUMBER: _ClassVar[int]
+    ALLOWANCE_US_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DAEMON_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     layout_id: str
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     wait_ms: int
-    def __init__(self, layout_id: _Optional[str] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+    block_us: int
+    allowance_us: int
+    lease: bool
+    lease_ttl_ms: int
+    client_id: str
+    daemon_instance: str
+    def __init__(self, layout_id: _Optional[str] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., wait_ms: _Optional[int] = ..., block_us: _Optional[int] = ..., allowance_us: _Optional[int] = ..., lease: _Optional[bool] = ..., lease_ttl_ms: _Optional[int] = ..., client_id: _Optional[str] = ..., daemon_instance: _Optional[str] = ...) -> None: ...
 
 class PrefetchResponse(_message.Message):
-    __slots__ = ("host_blocks", "done")
+    __slots__ = ("host_blocks", "done", "gave_up", "lease_id", "slots", "expires_in_ms")
     HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    GAVE_UP_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_MS_FIELD_NUMBER: _ClassVar[int]
     host_blocks: int
     done: bool
-    def __init__(self, host_blocks: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...
+    gave_up: bool
+    lease_id: int
+    slots: _containers.RepeatedCompositeFieldContainer[Slot]
+    expires_in_ms: int
+    def __init__(self, host_blocks: _Optional[int] = ..., done: _Optional[bool] = ..., gave_up: _Optional[bool] = ..., lease_id: _Optional[int] = ..., slots: _Optional[_Iterable[_Union[Slot, _Mapping]]] = ..., expires_in_ms: _Optional[int] = ...) -> None: ...
 
 class DisconnectRequest(_message.Message):
     __slots__ = ("client_id",)

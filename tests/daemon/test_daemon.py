@@ -124,6 +124,33 @@ def test_write_back_reaches_disk_and_prefetch_promotes(daemon: DaemonProcess, fa
         assert disk.counters.promotions >= 10 and disk.counters.hits >= 10
 
 
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "grpc"])
+def test_fetch_promotes_and_leases_within_a_budget(daemon: DaemonProcess, fast_path: bool) -> None:
+    """Fetch: promote, wait as a budget allows, and lease what arrived, in one call."""
+    from kvtier.chain.promotion import FetchBudget
+
+    hashes = hash_prompt(list(range(16 * 1100)), 16)  # more than the 8 MiB host arena: the first ones go to disk only
+    with daemon.client(fast_path=fast_path) as client:
+        reg = client.register_layout(LAYOUT)
+        for start in range(0, len(hashes), 100):
+            client.write_blocks(reg.layout_id, {h: payload(h) for h in hashes[start:start + 100]})
+            daemon.wait_for_demotions()
+        assert client.lookup(reg.layout_id, hashes[:40])[:40] == ["disk"] * 40
+        # A budget that lets nothing be waited for: the call returns at once, having given up.
+        hasty = client.fetch(reg.layout_id, hashes[:40], FetchBudget(block_s=0.0, allowance_s=1e-6), max_wait_s=5)
+        assert hasty.gave_up or hasty.done
+        if hasty.lease is not None:
+            client.release(hasty.lease.lease_id)
+        # A generous one: everything arrives and is leased in the same call, verified on read.
+        fetched = client.fetch(reg.layout_id, hashes[:40], FetchBudget(block_s=1.0, allowance_s=5.0), max_wait_s=30)
+        assert fetched.done and not fetched.gave_up and fetched.host_blocks == 40
+        assert [b.block_hash for b in fetched.lease.blocks] == hashes[:40]
+        arena = client.arena()
+        assert all(bytes(arena.view(b.offset, b.nbytes)) == payload(b.block_hash) for b in fetched.lease.blocks)
+        assert client.stats().chain.active_leases == 1
+        client.release(fetched.lease.lease_id)
+
+
 def test_stats_cli(daemon: DaemonProcess) -> None:
     base = [sys.executable, "-m", "kvtier", "stats", "--socket", str(daemon.socket_path)]
     table = subprocess.run(base, capture_output=True, text=True, timeout=60, check=True).stdout

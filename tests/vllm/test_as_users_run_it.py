@@ -113,7 +113,7 @@ def test_a_stopped_daemon_costs_no_stall(tiny_model: Path, tmp_path: Path) -> No
             for prompt in workload[0]:
                 engine.generate([[prompt]])
             assert daemon.wait_for_saves(4 * (1024 // BLOCK))
-            daemon.process.send_signal(signal.SIGSTOP)
+            daemon.pause()
             with_kvtier, without = [], []
             for question in (1, 2):
                 for index, prompt in enumerate(workload[question]):
@@ -126,7 +126,7 @@ def test_a_stopped_daemon_costs_no_stall(tiny_model: Path, tmp_path: Path) -> No
             slowest, typical = max(r["seconds"] for r in with_kvtier), statistics.median(r["seconds"] for r in without)
             assert slowest < typical + 1.0, (slowest, typical)
             assert sum(r["seconds"] for r in with_kvtier) < 1.5 * sum(r["seconds"] for r in without) + 0.5
-            daemon.process.send_signal(signal.SIGCONT)
+            daemon.resume()
             assert wait_until(lambda: engine.generate([[workload[0][0]]])[0]["num_cached_tokens"] > 0, timeout=30), \
                 "kvtier was not used again after the daemon resumed"
     finally:

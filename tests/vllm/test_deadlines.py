@@ -50,13 +50,13 @@ def test_a_late_daemon_is_skipped_until_it_answers_again(daemon: LocalDaemon) ->
     link = make_link(daemon, retry_after_s=60)
     try:
         assert link.call(lambda c: c.lookup(LAYOUT.layout_id, HASHES)) == []
-        daemon.process.send_signal(signal.SIGSTOP)
+        daemon.pause()
         assert link.call(lambda c: c.lookup(LAYOUT.layout_id, HASHES)) is None  # the call misses its deadline
         assert not link.available and link.counters["timeouts"] == 1
         ran: list[bool] = []
         assert link.call(lambda c: ran.append(True)) is None
         assert not ran, "while the daemon is late no call may wait for it"
-        daemon.process.send_signal(signal.SIGCONT)
+        daemon.resume()
         assert wait_until(lambda: link.available, timeout=10), "the probe must notice the daemon answers again"
         # Late is not gone: no back-off (retry_after_s is a minute here), the same connection works.
         assert link.call(lambda c: c.lookup(LAYOUT.layout_id, HASHES)) == []
@@ -92,21 +92,39 @@ def test_a_refused_call_is_one_miss_not_a_back_off(daemon: LocalDaemon) -> None:
 def test_loss_budget_bounds_the_cost_of_waiting() -> None:
     budget = LossBudget(blocks=100, recompute_block_s=0.01, expected_s=0.1, max_loss_fraction=0.05, min_loss_s=0.001)
     assert budget.allowance_s == pytest.approx(0.05)  # 5% of the 1 s it takes to recompute all
-    assert budget.keep_waiting(0.04, got=0)
-    assert not budget.keep_waiting(0.05, got=0)  # nothing arrived: the allowance is spent
-    assert budget.keep_waiting(0.5, got=50)  # what arrived paid for the wait
-    assert not budget.keep_waiting(0.56, got=50)
+    rule = budget.fetch_budget()  # as the daemon applies it
+    assert rule.remaining_s(0.04, got=0) > 0
+    assert rule.remaining_s(0.05, got=0) <= 0  # nothing arrived: the allowance is spent
+    assert rule.remaining_s(0.5, got=50) > 0  # what arrived paid for the wait
+    assert rule.remaining_s(0.56, got=50) <= 0
     # Whenever the rule stops a load, recomputing the rest costs at most the allowance more than
     # recomputing everything: elapsed + (blocks - got) * block_s <= blocks * block_s + allowance.
     for got in range(0, 101, 10):
         for step in range(0, 2000):
             elapsed = step * 0.001
-            if not budget.keep_waiting(elapsed, got):
+            if rule.remaining_s(elapsed, got) <= 0:
                 assert elapsed + (100 - got) * 0.01 <= 1.0 + budget.allowance_s + 0.002  # one step of the loop
                 break
+    assert budget.max_wait_s == pytest.approx(1.05)
     assert LossBudget(4, 0.001, 0.001, 0.05, 0.01).allowance_s == 0.01  # the floor
     unknown = LossBudget(blocks=10, recompute_block_s=None, expected_s=0.02, max_loss_fraction=0.05, min_loss_s=0.001)
     assert unknown.block_s == pytest.approx(0.004)  # assumed twice the expected load
+
+
+def test_promotion_waits_under_a_rule_re_judged_as_blocks_arrive() -> None:
+    import threading
+
+    from kvtier.chain.promotion import Promotion
+
+    promotion = Promotion(3)
+    promotion.settle(1, True)
+    assert promotion.leading == 0 and not promotion.finished  # block 0 is still missing
+    threading.Timer(0.05, promotion.settle, (0, True)).start()
+    seen: list[int] = []
+    assert not promotion.wait(lambda elapsed, got: (seen.append(got), 5.0 if got < 2 else 0.0)[1])
+    assert promotion.leading == 2 and seen[-1] == 2  # woken when block 0 arrived, and stopped by the rule
+    promotion.settle(2, False)
+    assert promotion.finished and promotion.result(0) == 2
 
 
 def test_estimates_learn_rates_and_keep_priors_until_then() -> None:
@@ -116,8 +134,11 @@ def test_estimates_learn_rates_and_keep_priors_until_then() -> None:
     assert estimates.recompute_s(1000) is None
     estimates.seed_prefill(10_000)
     assert estimates.recompute_s(1000) == pytest.approx(0.1)
-    estimates.observe_step(2000, 0.1)  # 20k tokens/s measured here takes over
-    assert 0.05 < estimates.recompute_s(1000) < 0.1
+    estimates.observe_step(2000, 0.12)
+    assert estimates.recompute_s(1000) < 0.09  # a faster marginal rate measured here takes over
+    estimates.observe_step(200, 0.03)  # steps of several sizes: the slope of time over tokens
+    estimates.observe_step(1000, 0.07)
+    assert estimates.recompute_s(1000) == pytest.approx(0.05, rel=0.3)
     prior = estimates.load_s({"disk": 100 << 20})
     estimates.observe_load("disk", 100 << 20, 1.0)  # a slow disk: ~100 MiB/s
     assert estimates.load_s({"disk": 100 << 20}) > 5 * prior
@@ -165,20 +186,20 @@ def test_an_async_load_gives_up_when_the_daemon_stops(daemon: LocalDaemon) -> No
     from connectors.vllm.worker import promote_and_lease
     from kvtier.errors import DaemonTimeoutError
 
-    link = make_link(daemon, timeout_s=30)
+    link = make_link(daemon, timeout_s=30)  # the link's call deadline: never what a fetch waits for
     client = link.client
     client.write_blocks(LAYOUT.layout_id, {h: bytes([i]) * LAYOUT.block_nbytes for i, h in enumerate(HASHES)})
     budget = LossBudget(len(HASHES), 0.001, 0.001, 0.05, 0.05)
     spec = LoadSpec("r", tuple(range(len(HASHES))), tuple(HASHES), budget=budget, tier="disk")
     try:
-        grant, gave_up = promote_and_lease(client, LAYOUT.layout_id, spec)
-        assert len(grant.blocks) == len(HASHES) and not gave_up
-        client.release(grant.lease_id)
-        daemon.process.send_signal(signal.SIGSTOP)
+        fetched = promote_and_lease(client, LAYOUT.layout_id, spec)
+        assert len(fetched.lease.blocks) == len(HASHES) and fetched.done and not fetched.gave_up
+        client.release(fetched.lease.lease_id)
+        daemon.pause()
         started = time.monotonic()
         with pytest.raises(DaemonTimeoutError):
             promote_and_lease(client, LAYOUT.layout_id, spec)
         assert time.monotonic() - started < 10
     finally:
-        daemon.process.send_signal(signal.SIGCONT)
+        daemon.resume()
         link.close()
