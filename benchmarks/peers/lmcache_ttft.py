@@ -319,6 +319,9 @@ def wait_for_files(path: Path, count: int, timeout: float) -> int:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     documents, doc_tokens = (4, 1536) if args.quick else (8, 3072)
+    documents, doc_tokens = args.documents or documents, args.doc_tokens or doc_tokens
+    LLM_KWARGS.update(block_size=args.block_size, max_model_len=args.max_model_len, kv_cache_memory_bytes=args.kv_cache_bytes,
+                      max_num_batched_tokens=min(4096, args.max_model_len))
     workload = make_workload(documents, doc_tokens, 3, seed=args.seed)
     chunks_per_doc = doc_tokens // CHUNK_SIZE
     root = Path(tempfile.mkdtemp(prefix="lmcache-ttft-", dir="/tmp"))
@@ -435,6 +438,11 @@ def main() -> int:
         default="engine_driven",
     )
     parser.add_argument("--l1-size-gb", type=float, default=1.0)
+    parser.add_argument("--documents", type=int, help="documents (default: 4 with --quick, else 8)")
+    parser.add_argument("--doc-tokens", type=int, help="tokens per document (default: 1536 with --quick, else 3072)")
+    parser.add_argument("--block-size", type=int, default=32, help="vLLM block size (tokens)")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--kv-cache-bytes", type=int, default=256 * 1024 * 1024)
     parser.add_argument(
         "--no-warmup",
         action="store_true",

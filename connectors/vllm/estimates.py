@@ -12,9 +12,10 @@ it again. Two rates decide that, both measured in this engine:
   adds to its request's step. Until steps of different sizes have been seen, tokens over seconds
   of the largest steps stands in (an overestimate of the slope, never seen for long).
 - **Tier load time** (a fixed cost per load plus a cost per byte, fitted the same way): the
-  workers time each load from disk or S3 (promotion by the daemon until the blocks are leased)
-  and report ``(tier, bytes, seconds)``. Each tier's line starts from a conservative prior, which
-  measured loads move and then replace.
+  scheduler times each asynchronous load from its start to the workers' report that it is in
+  the engine (promotion, lease, copy and the engine's hand-offs: the whole wait as the request
+  sees it). Each tier's line starts from a conservative prior, which measured loads move and
+  then replace.
 
 :class:`LossBudget` turns them into the rule a waiting request follows: it may spend on kvtier at
 most ``max_loss_fraction`` of its recompute time (at least ``min_loss_s``) beyond what the blocks

@@ -63,12 +63,12 @@ class KVTierConnectorMetadata(KVConnectorMetadata):
 @dataclass
 class KVTierWorkerMetadata(KVConnectorWorkerMetadata):
     """What the workers report after a step: blocks committed to the daemon (for KV events),
-    leases whose blocks they copied (the scheduler releases them), and timings for the estimates."""
+    leases whose blocks they copied (the scheduler releases them), and step timings (the
+    scheduler's prefill estimate)."""
 
     committed: set[bytes] = field(default_factory=set)
     copied_leases: set[int] = field(default_factory=set)
     step_samples: list[tuple[int, float]] = field(default_factory=list)  # (scheduled tokens, seconds)
-    load_samples: list[tuple[str, int, float]] = field(default_factory=list)  # (tier, bytes, seconds)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if isinstance(other, KVTierWorkerMetadata):
@@ -77,6 +77,6 @@ class KVTierWorkerMetadata(KVConnectorWorkerMetadata):
             # copies from its own layout's lease: the union releases them all.
             return KVTierWorkerMetadata(
                 self.committed | other.committed, self.copied_leases | other.copied_leases,
-                self.step_samples or other.step_samples, self.load_samples or other.load_samples,
+                self.step_samples or other.step_samples,
             )
         return self

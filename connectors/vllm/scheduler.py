@@ -125,6 +125,7 @@ class SchedulerSide:
         self.announced: OrderedDict[bytes, None] = OrderedDict()  # blocks already in a STORAGE event
         self.slowest_lookup_s = 0.0
         self._tried_at: dict[str, float] = {}  # tier -> when a load from it was last tried
+        self._async_started: dict[str, tuple[float, str, int]] = {}  # request -> (when, tier, bytes) of its load
 
     # ---- lookups -----------------------------------------------------------------------------
 
@@ -329,6 +330,7 @@ class SchedulerSide:
         else:
             self._release_lookup(found)  # the worker leases what it promotes itself
             self.pending_loads.append(LoadSpec(request.request_id, block_ids, hashes, budget=decision.budget, tier=decision.tier))
+            self._async_started[request.request_id] = (time.monotonic(), decision.tier, count * self.block_nbytes)
             self.stats["async_loads"] += 1
         for grant in found.grants.values():
             self._lease_ttl_s = grant.expires_in_s
@@ -389,6 +391,7 @@ class SchedulerSide:
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         state = self.requests.pop(request.request_id, None)
+        self._async_started.pop(request.request_id, None)
         if state is None:
             return False, None
         self._abandon(state)  # a lookup it never used
@@ -425,14 +428,18 @@ class SchedulerSide:
             ))
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
+        now = time.monotonic()
+        for req_id in getattr(output, "finished_recving", None) or ():
+            started = self._async_started.pop(req_id, None)
+            if started is not None:  # the whole wait, as the request saw it: promotion, lease, copy, hand-offs
+                at, tier, nbytes = started
+                self.estimates.observe_load(tier, nbytes, now - at)
         meta = getattr(output, "kv_connector_worker_meta", None)
         if not isinstance(meta, KVTierWorkerMetadata):
             return
         self._release(meta.copied_leases)
         for tokens, seconds in meta.step_samples:
             self.estimates.observe_step(tokens, seconds)
-        for tier, nbytes, seconds in meta.load_samples:
-            self.estimates.observe_load(tier, nbytes, seconds)
         if meta.step_samples:
             self._report_prefill_rate()
         if not meta.committed:

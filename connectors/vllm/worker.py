@@ -131,7 +131,6 @@ class WorkerSide:
         self._step_load_s = 0.0
         self._step_samples: list[tuple[int, float]] = []
         self._cuda_steps: list[tuple[int, Any, Any]] = []
-        self._load_samples: list[tuple[str, int, float]] = []
         self.interval = StatsInterval()
         self.stats = self.interval.total
         self._closed = False
@@ -296,14 +295,11 @@ class WorkerSide:
             self._ready.append((spec, leased))
 
     def _promote_and_lease(self, client: DaemonClient, spec: LoadSpec) -> tuple[int, _Slots] | None:
-        started = time.monotonic()
         fetched = promote_and_lease(client, self.layout.layout_id, spec)
         self.stats["load_given_up"] += fetched.gave_up
         grant = fetched.lease
         if grant is None or not grant.blocks:
             return None
-        with self._lock:
-            self._load_samples.append((spec.tier, len(grant.blocks) * self.layout.block_nbytes, time.monotonic() - started))
         return grant.lease_id, _Slots(client.daemon_instance or "", [b.offset for b in grant.blocks], [b.checksum for b in grant.blocks])
 
     def _release_own(self, lease_id: int) -> None:
@@ -490,12 +486,11 @@ class WorkerSide:
                 else:
                     pending.append((tokens, started, ended))
             self._cuda_steps = pending
-        if not (self._committed or self._copied_leases or self._step_samples or self._load_samples):
+        if not (self._committed or self._copied_leases or self._step_samples):
             return None
         with self._lock:
             committed, self._committed = self._committed, set()
-            loads, self._load_samples = self._load_samples, []
-        meta = KVTierWorkerMetadata(committed, self._copied_leases, self._step_samples, loads)
+        meta = KVTierWorkerMetadata(committed, self._copied_leases, self._step_samples)
         self._copied_leases, self._step_samples = set(), []
         return meta
 

@@ -90,7 +90,7 @@ class EngineSession:
         log_path: Path,
         kv_transfer_config: dict[str, Any] | None = None,
         llm_kwargs: dict[str, Any] | None = None,
-        env: dict[str, str] | None = None,
+        env: dict[str, str | None] | None = None,  # over ENGINE_ENV; a None value removes a variable
     ) -> None:
         spec = {
             "model": str(model),
@@ -99,7 +99,12 @@ class EngineSession:
         }
         read_fd, write_fd = os.pipe()
         repo_root = str(Path(__file__).resolve().parents[2])
-        full_env = {**os.environ, **ENGINE_ENV, **(env or {}), "KVTIER_ENGINE_RESULT_FD": str(write_fd)}
+        full_env = {**os.environ, **ENGINE_ENV, "KVTIER_ENGINE_RESULT_FD": str(write_fd)}
+        for key, value in (env or {}).items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
         full_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, full_env.get("PYTHONPATH")) if p)
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
