@@ -496,7 +496,12 @@ class TierChain:
         Blocks are promoted concurrently (S3 and NVMe serve parallel reads far faster), in order."""
         present = list(itertools.takewhile(self.contains, keys))
         promotion = Promotion(len(present))
+        with self._lock:  # blocks in host memory need no promotion thread (and no wake-up of one)
+            in_host = [(record := self._records.get(key)) is not None and record.in_tier(HOST) for key in present]
         for index, key in enumerate(present):
+            if in_host[index]:
+                promotion.settle(index, True)
+                continue
             future = self._promoter.submit(self._promote, key)
             future.add_done_callback(
                 lambda f, i=index: promotion.settle(i, not f.cancelled() and f.exception() is None and bool(f.result())))

@@ -1,15 +1,20 @@
 """Pure-PyTorch page copies: the path of vLLM's CPU backend and the fallback without the kernel.
 
-Per request it runs a handful of tensor ops per :class:`~kvtier.copy.layout.PageRun` (one run per
-layer, or one per block in block-outermost layouts), never a Python loop per page, as long as the
-slots sit on a fixed pitch (``offset = base + k * pitch``, ``pitch >= slot_nbytes``; true for the
-host arena's slabs). Irregular offsets fall back to one copy per (block, run).
+On the CPU a request is split into spans (consecutive block ids whose slots sit on one pitch) and
+each :class:`~kvtier.copy.layout.PageRun` (one run per layer, or one per block in block-outermost
+layouts) is copied with one strided ``copy_`` per span: a memcpy per row, no index tensors. On
+CUDA it runs a handful of index ops per run as long as all slots sit on a fixed pitch
+(``offset = base + k * pitch``, ``pitch >= slot_nbytes``; true for the host arena's slabs), and
+falls back to the spans otherwise.
 
 With CUDA KV tensors the ops run on the current stream; bytes go through a temporary CPU tensor,
 so the returned handle is tracked by an event only for the device-side tail of a scatter.
 """
 
 from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
 
 import torch
 
@@ -42,13 +47,19 @@ class TorchPageCopier(PageCopier):
         self.device = torch.device("cpu") if device is None else torch.device(device)
 
     def _copy(self, kv: PagedKV, request: CopyRequest) -> CopyHandle:
+        if kv.device.type == "cpu":
+            # On the CPU plain strided copies of spans beat index_select / index_copy_ (which
+            # gather element-wise, and twice when the slots are not consecutive): measured 3-5x
+            # faster for 1 MiB blocks.
+            spans = _spans(request)
+            for run in kv.runs:
+                _copy_run_in_spans(run, request, spans)
+            return CompletedHandle(*handle_size(kv, request))
         ids = request.block_ids.to(kv.device)
         rows = slot_rows(request, kv.slot_nbytes)
         for run in kv.runs:
-            if rows is None or (kv.device.type == "cpu" and not rows.consecutive):
-                # On the CPU a copy per block beats index_select + index_copy_ (which copies twice):
-                # measured 3x faster for 1 MiB blocks scattered over an arena.
-                _copy_run_per_block(run, request)
+            if rows is None:
+                _copy_run_in_spans(run, request, _spans(request))
             elif request.direction is Direction.GATHER:
                 _gather_run(run, ids, rows, request.host.device)
             else:
@@ -87,12 +98,56 @@ def _scatter_run(run: PageRun, ids: torch.Tensor, slots: SlotRows) -> None:
     pages.index_copy_(0, ids, data.to(pages.device))
 
 
-def _copy_run_per_block(run: PageRun, request: CopyRequest) -> None:
-    pages = run.rows()
-    host = request.host
+@dataclass(frozen=True, slots=True)
+class _Span:
+    """``count`` blocks from ``first_block`` on, in slots ``first_offset + k * pitch``."""
+
+    first_block: int
+    first_offset: int
+    count: int
+    pitch: int
+
+
+def _spans(request: CopyRequest) -> list[_Span]:
+    """Split a request into maximal spans of consecutive block ids whose slots sit on one pitch."""
+    spans: list[_Span] = []
     for block, offset in zip(request.block_ids.tolist(), request.offsets.tolist(), strict=True):
-        slot = host.narrow(0, offset + run.slot_offset, run.nbytes)
+        last = spans[-1] if spans else None
+        if last is not None and block == last.first_block + last.count:
+            pitch = offset - last.first_offset - (last.count - 1) * last.pitch
+            if last.count == 1 and pitch > 0:
+                spans[-1] = _Span(last.first_block, last.first_offset, 2, pitch)
+                continue
+            if pitch == last.pitch:
+                spans[-1] = _Span(last.first_block, last.first_offset, last.count + 1, last.pitch)
+                continue
+        spans.append(_Span(block, offset, 1, 0))
+    return spans
+
+
+def _copy_run_in_spans(run: PageRun, request: CopyRequest, spans: list[_Span]) -> None:
+    """One strided copy per span: ``count`` rows of ``run.nbytes`` on each side. A single block
+    is one ``memmove`` (CPU only): a small ``copy_`` starts a parallel region, and in an engine whose
+    OpenMP threads sleep between steps that costs tens of microseconds a page (measured: 1 MiB
+    blocks in descending order, the order vLLM hands freed blocks out, took 70 ms per 126 blocks
+    with ``copy_`` and 20 ms with ``memmove``)."""
+    host = request.host
+    base = host.storage_offset()
+    on_cpu = host.device.type == "cpu" and run.storage.device.type == "cpu"
+    for span in spans:
+        if span.count == 1 and on_cpu:
+            page = run.storage.data_ptr() + run.offset + span.first_block * run.block_stride
+            slot = host.data_ptr() + span.first_offset + run.slot_offset
+            if request.direction is Direction.GATHER:
+                ctypes.memmove(slot, page, run.nbytes)
+            else:
+                ctypes.memmove(page, slot, run.nbytes)
+            continue
+        pages = run.storage.as_strided((span.count, run.nbytes), (run.block_stride, 1),
+                                       run.offset + span.first_block * run.block_stride)
+        slots = host.as_strided((span.count, run.nbytes), (span.pitch or run.nbytes, 1),
+                                base + span.first_offset + run.slot_offset)
         if request.direction is Direction.GATHER:
-            slot.copy_(pages[block])
+            slots.copy_(pages)
         else:
-            pages[block].copy_(slot)
+            pages.copy_(slots)

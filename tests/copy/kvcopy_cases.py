@@ -36,7 +36,7 @@ class Case:
     page: tuple[int, ...]  # page shape (inner dims of a layer tensor)
     dtype: str
     batch: int
-    offsets: str  # packed | pitched | misaligned | irregular
+    offsets: str  # packed | pitched | misaligned | irregular | runs (runs of consecutive ids on changing pitches)
     as_list: bool = False  # pass the layers as a list instead of a dict
     dup_ids: bool = False  # gather the same block twice (gather-only cases)
 
@@ -57,6 +57,8 @@ CASES: list[Case] = [
     Case("fp8_kv_split", "kv_split", 2, 10, (4, 2, 16), _FP8, 4, "misaligned"),
     Case("int8_kv_split_block_outer", "kv_split_block_outer", 3, 8, (8, 2, 8), "int8", 8, "irregular"),
     Case("vllm_int8_views_fp8", "flat_views", 3, 9, (2, 4, 24), _FP8, 6, "pitched"),
+    Case("runs_layer_outer", "layer_outer", 3, 40, (4, 8, 16), "float16", 20, "runs"),
+    Case("runs_kv_split_block_outer", "kv_split_block_outer", 2, 40, (8, 2, 8), "int8", 24, "runs"),
     Case("thousands_small_pages", "layer_outer", 4, 1100, (32,), "float16", 1024, "packed"),
     Case("large_pages_bf16", "layer_outer", 2, 3, (2, 1024, 300), "bfloat16", 2, "misaligned"),
     Case("large_odd_page_int8", "block_outer", 1, 3, (1048577,), "int8", 2, "misaligned"),
@@ -212,6 +214,8 @@ def reference_scatter(s: KVSet, ids: list[int], arena: torch.Tensor, offsets: li
 def make_request_args(case: Case, slot: int, seed: int) -> tuple[list[int], list[int], int]:
     """``(block_ids, offsets, arena_nbytes)`` for ``case``."""
     rng = random.Random(seed)
+    if case.offsets == "runs":
+        return _runs(case, slot, rng)
     ids = rng.sample(range(case.blocks), case.batch)
     if case.dup_ids and case.batch > 1:
         ids[-1] = ids[0]
@@ -235,6 +239,27 @@ def make_request_args(case: Case, slot: int, seed: int) -> tuple[list[int], list
     else:
         raise ValueError(case.offsets)
     return ids, offsets, max(offsets) + slot + 64
+
+
+def _runs(case: Case, slot: int, rng: random.Random) -> tuple[list[int], list[int], int]:
+    """Runs of consecutive block ids (what a fresh engine allocates), each run's slots on its own
+    pitch (packed, padded, doubled) and the next run starting anywhere after: spans to merge and
+    boundaries not to merge across."""
+    starts = list(range(0, case.blocks, 6))
+    rng.shuffle(starts)
+    ids: list[int] = []
+    offsets: list[int] = []
+    pos = 0
+    for start in starts:
+        length = min(rng.randrange(1, 6), case.batch - len(ids), case.blocks - start)
+        pitch = rng.choice([slot, slot + 8, 2 * slot])
+        pos += rng.randrange(0, 3) * slot + rng.randrange(0, 5)
+        ids += range(start, start + length)
+        offsets += [pos + k * pitch for k in range(length)]
+        pos += length * pitch
+        if len(ids) == case.batch:
+            break
+    return ids, offsets, pos + slot + 64
 
 
 class ReplayCopier(PageCopier):
