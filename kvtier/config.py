@@ -12,17 +12,16 @@ S3 credentials are never part of this model: boto3 takes them from the standard 
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import tomllib
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from kvtier.errors import ConfigError
 from kvtier.units import parse_size
-
 
 
 def _size_field(value: int | str) -> int:

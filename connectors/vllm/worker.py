@@ -45,8 +45,8 @@ from connectors.vllm.settings import ConnectorSettings
 from connectors.vllm.stats import StatsInterval
 from kvtier.blocks import payload_checksum
 from kvtier.client import DaemonClient, ReserveStatus
-from kvtier.client.types import FetchResult
 from kvtier.client.commit_pipeline import COMMIT_CHUNK_BYTES
+from kvtier.client.types import FetchResult
 from kvtier.copy import describe_paged_kv, make_page_copier
 from kvtier.copy.base import CudaEventHandle
 from kvtier.errors import LeaseError

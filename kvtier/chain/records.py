@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from enum import Enum
-
 from dataclasses import dataclass
+from enum import Enum
 
 from kvtier.blocks.keys import BlockKey
 from kvtier.tiers.host import Slot

@@ -25,12 +25,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvtier.blocks.checksum import payload_checksum
 from kvtier.blocks.layout import KVLayout
+from kvtier.chain.promotion import FetchBudget
 from kvtier.chain.stats import ChainStats, TierCounters, TierStats
 from kvtier.client.commit_pipeline import COMMIT_CHUNK_BYTES, CommitPipeline
 from kvtier.client.fast_channel import FastChannel
 from kvtier.client.status import error_for_status
-from kvtier.chain.promotion import FetchBudget
-from kvtier.client.types import DaemonStats, FetchResult, LeasedBlock, LeaseGrant, PendingCommit, RegisteredLayout, Reservation, ReserveStatus
+from kvtier.client.types import (
+    DaemonStats,
+    FetchResult,
+    LeasedBlock,
+    LeaseGrant,
+    PendingCommit,
+    RegisteredLayout,
+    Reservation,
+    ReserveStatus,
+)
 from kvtier.daemon.wire import layout_to_proto
 from kvtier.errors import CorruptBlockError, LayoutError
 from kvtier.tiers.arena import SharedArena

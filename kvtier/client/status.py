@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from kvtier.errors import AuthenticationError, DaemonError, DaemonTimeoutError, DaemonUnavailableError, InvalidRequestError, LayoutError, LeaseError
+from kvtier.errors import (
+    AuthenticationError,
+    DaemonError,
+    DaemonTimeoutError,
+    DaemonUnavailableError,
+    InvalidRequestError,
+    LayoutError,
+    LeaseError,
+)
 
 _ERROR_OF: dict[str, type[Exception]] = {
     "INVALID_ARGUMENT": InvalidRequestError,

@@ -22,7 +22,7 @@ from kvtier.config import load_config
 from kvtier.daemon.detach import machine_cpus, machine_env, parse_cpu_list
 from kvtier.daemon.server import pid_path_for
 from kvtier.errors import ConfigError
-from kvtier.testing.daemon import free_port, wait_until
+from kvtier.testing.daemon import free_port
 from tests.daemon.conftest import LAYOUT, payload
 
 # A stand-in for vLLM's CPU worker: pinned to one core, with OpenMP settings, it starts the
