@@ -5,6 +5,7 @@ multi-turn chat shape), run on an engine with kvtier and one without, alternatin
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,18 @@ def make_workload(documents: int, doc_tokens: int, questions: int, seed: int) ->
     return [[doc + [rng.randrange(4, 2048) for _ in range(64)] for doc in docs] for _ in range(questions)]
 
 
-def paired(engine: EngineSession, base: EngineSession, prompts: list[list[int]]) -> dict[str, list]:
+def paired(engine: EngineSession, base: EngineSession, prompts: list[list[int]],
+           before_engine: Callable[[], None] | None = None) -> dict[str, list]:
     """TTFT of each prompt on ``engine`` and on ``base``, alternating which goes first, one prompt
     per generate call with max_tokens=1 (the call's time is the TTFT). Interleaving makes both
-    see the same machine load, so their ratio holds on a noisy machine."""
+    see the same machine load, so their ratio holds on a noisy machine. ``before_engine`` runs
+    (untimed) before each of ``engine``'s prompts."""
     out: dict[str, list] = {"ms": [], "base_ms": [], "cached": [], "tokens": [], "base_tokens": []}
     for index, prompt in enumerate(prompts):
         order = [(engine, "ms", "tokens"), (base, "base_ms", "base_tokens")]
         for session, time_key, token_key in (order if index % 2 == 0 else reversed(order)):
+            if session is engine and before_engine is not None:
+                before_engine()
             result = session.generate([[prompt]], max_tokens=1)[0]
             out[time_key].append(result["seconds"] * 1000)
             out[token_key].append(result["token_ids"])

@@ -48,7 +48,12 @@ ARENA_GLOB = "kvtier-*-arena"  # the names kvtier gives arena files (see HostTie
 
 
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault every page in for writing, contents unchanged
-_POPULATE_CHUNK = 64 << 20  # per madvise call: the thread checks between chunks whether the map closed
+# Per madvise call. Small, because the call holds the process's mmap lock (shared) while the
+# kernel zeroes the chunk's pages, and any mmap/munmap in the daemon (Python's allocator, a
+# large reply buffer, a new thread's stack) waits for it: 64 MiB chunks at nice 19 on a busy
+# node stalled calls right after a start by 10-150 ms. The thread also checks between chunks
+# whether the map closed.
+_POPULATE_CHUNK = 4 << 20
 
 
 @functools.cache
