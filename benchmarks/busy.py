@@ -15,8 +15,10 @@ daemon:
   it widened its affinity. The two busy states take turns every few iterations, so both see the
   same load.
 
-Target: under load a call's p99 stays within the smallest allowance a request gives kvtier
-(``min_loss_s``, 10 ms); past it the request computes instead of waiting (a miss, not a stall).
+Target: under load the p99 of a call a request waits for (lookup, acquire, fetch) stays within
+the smallest allowance a request gives kvtier (``min_loss_s``, 10 ms); past it the request
+computes instead of waiting (a miss, not a stall). Saves run on the connector's saver thread, so
+their row has no target.
 Busy against the ping-pong, against idle and pinned against busy are ratios without targets.
 Priority: the daemon runs at normal priority; raising it (nice -10, alternated with 0 under the
 same load) changed no percentile here, since the caller's own wake-up is half of every call.
@@ -126,12 +128,13 @@ class PingPong:
 
 
 PING_PONG = "ping-pong between two processes (no daemon)"
+SAVE = "save 8 x 1 MiB (reserve + commit with checksums)"
 
 
 def time_calls(calls: Calls, ping_pong: PingPong, iterations: int) -> dict[str, list[float]]:
     """Milliseconds per call; an operation that returns its own seconds is timed by itself."""
     operations: dict[str, Callable[[], float | None]] = {
-        "lookup 256 blocks": calls.lookup, "save 8 x 1 MiB (reserve + commit with checksums)": calls.save,
+        "lookup 256 blocks": calls.lookup, SAVE: calls.save,
         "acquire + release 32 blocks": calls.acquire_release, "fetch 32 blocks in host memory (+ release)": calls.fetch,
         PING_PONG: ping_pong,
     }
@@ -219,8 +222,11 @@ def run(args) -> list[Row]:
         extra = {"iterations": iterations, "idle_p50_ms": round(statistics.median(idle), 3), "busy_p50_ms": round(statistics.median(busy), 3),
                  "busy_p999_ms": round(percentile(busy, 0.999), 3), "pinned_p50_ms": round(statistics.median(pinned), 3)}
         if name != PING_PONG:
+            on_request_path = name != SAVE  # saves run on the saver thread: no request waits for them
             rows.append(Row(f"{name}: p99 busy, within the smallest loss allowance", "p99_ms", percentile(busy, 0.99), LOSS_FLOOR_MS,
-                            unit="ms", better="lower", target=1.0, bound="min_loss_s (10 ms)", extra=extra))
+                            unit="ms", better="lower", target=1.0 if on_request_path else None,
+                            bound="min_loss_s (10 ms)" + ("" if on_request_path else "; no target: off every request's path"),
+                            extra=extra))
             rows.append(Row(f"{name}: p99 busy against a bare ping-pong, busy", "p99_ms", percentile(busy, 0.99), floor_p99,
                             unit="ms", better="lower", bound="two processes echoing a byte, same load", extra=extra))
         rows.append(Row(f"{name}: p99 busy against idle", "p99_ms", percentile(busy, 0.99), percentile(idle, 0.99), unit="ms",
