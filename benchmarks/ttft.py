@@ -83,10 +83,13 @@ class Config:
         return self.doc_tokens // self.block_size
 
     def llm_kwargs(self) -> dict[str, Any]:
+        """Engine settings of every engine of this configuration. A whole prompt fits in one step:
+        ExampleConnector does not survive chunked prefill (it saves the first chunk under the
+        whole prompt's key and its load then fails on the shape)."""
         max_len = (self.doc_tokens + 2 * QUESTION_TOKENS + 255) // 256 * 256
         kv_bytes = self.kv_bytes_per_token * (self.documents + 2) * max_len
         return {**NO_PREFIX_CACHE, "block_size": self.block_size, "max_model_len": max_len,
-                "max_num_batched_tokens": min(4096, max_len), "kv_cache_memory_bytes": max(kv_bytes, 128 * MiB)}
+                "max_num_batched_tokens": max_len, "kv_cache_memory_bytes": max(kv_bytes, 128 * MiB)}
 
 
 NARROW = {"num_layers": 2, "max_position_embeddings": 8192}  # 2 KiB of KV per token

@@ -9,8 +9,10 @@ it again. Two rates decide that, both measured in this engine:
   carried at least a few blocks. A step costs a fixed part (the model's pass, sampling) plus a
   part per token; a load saves only the second, so the estimate is the slope of a least-squares
   line through recent steps (time = fixed + slope x tokens), which is what recomputing a prefix
-  adds to its request's step. Until steps of different sizes have been seen, tokens over seconds
-  of the largest steps stands in (an overestimate of the slope, never seen for long).
+  adds to its request's step, bounded by the fastest seconds per token of recent large steps
+  (which also stands in until steps of different sizes have been seen): a step slowed by other
+  work on the cores (on a CPU engine, the connector's own saves) does not raise it. A new
+  engine's first step (one-off costs) is not sampled.
 - **Tier load time** (a fixed cost per load plus a cost per byte, fitted the same way): the
   scheduler times each asynchronous load from its start to the workers' report that it is in
   the engine (promotion, lease, copy and the engine's hand-offs: the whole wait as the request
@@ -25,6 +27,7 @@ than recomputing, whatever the daemon does: a stopped daemon costs the allowance
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from kvtier.chain.promotion import FetchBudget
@@ -38,16 +41,21 @@ _TIER_PRIORS: dict[str, tuple[float, float]] = {
 _UNKNOWN_TIER = (1e8, 0.03)  # a tier this connector does not know (a peer, a new backend)
 _SMOOTHING = 0.3  # weight of a new sample in the running estimates
 _SEED_SECONDS = 0.05  # a seeded rate counts as one step of this length
+_RECENT_LARGE = 8  # large samples whose lowest seconds-per-unit bounds the slope
 
 
 class _LineFit:
-    """An exponentially weighted least-squares line ``y = a + b x`` through (x, y) samples, with
-    ``y / x`` of the largest recent samples as the slope until their sizes spread enough."""
+    """An exponentially weighted least-squares line ``y = a + b x`` through (x, y) samples.
+
+    The slope never exceeds the lowest ``y / x`` among the last few large samples (which, holding
+    the fixed part too, bounds the true slope from above), and stands in for it until the samples'
+    sizes spread enough for a line. Taking the lowest keeps one slow sample (a new engine's first
+    step, a step that shared the cores with other work) from inflating the estimate."""
 
     def __init__(self) -> None:
         self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
         self.max_x = 0.0
-        self.largest = _Rate()
+        self.largest: deque[float] = deque(maxlen=_RECENT_LARGE)  # y / x of recent large samples
 
     def add(self, x: float, y: float) -> None:
         if x <= 0 or y <= 0:
@@ -57,7 +65,7 @@ class _LineFit:
         self.sxx, self.sxy = keep * self.sxx + x * x, keep * self.sxy + x * y
         self.max_x = max(x, self.max_x * keep)
         if x >= 0.5 * self.max_x:
-            self.largest.add(y, x)  # seconds per token
+            self.largest.append(y / x)
 
     def _line(self) -> tuple[float, float] | None:
         """(intercept, slope) when the samples' sizes spread enough for a line with a positive slope."""
@@ -72,38 +80,21 @@ class _LineFit:
         return None
 
     @property
+    def _ratio(self) -> float | None:
+        return min(self.largest) if self.largest else None
+
+    @property
     def slope(self) -> float | None:
         """Seconds per unit of x; None before any sample."""
-        line = self._line()
-        return line[1] if line else self.largest.per_second
+        line, ratio = self._line(), self._ratio
+        return min(line[1], ratio) if line and ratio else ratio
 
     def predict(self, x: float) -> float | None:
         line = self._line()
         if line is not None:
             return line[0] + line[1] * x
-        slope = self.largest.per_second
-        return x * slope if slope else None
-
-
-class _Rate:
-    """An exponentially weighted ratio of two sums (amount / seconds), robust to uneven samples."""
-
-    def __init__(self) -> None:
-        self.amount = 0.0
-        self.seconds = 0.0
-
-    def add(self, amount: float, seconds: float) -> None:
-        if amount <= 0 or seconds <= 0:
-            return
-        if self.seconds == 0:
-            self.amount, self.seconds = amount, seconds
-        else:
-            self.amount = (1 - _SMOOTHING) * self.amount + _SMOOTHING * amount
-            self.seconds = (1 - _SMOOTHING) * self.seconds + _SMOOTHING * seconds
-
-    @property
-    def per_second(self) -> float | None:
-        return self.amount / self.seconds if self.seconds > 0 else None
+        ratio = self._ratio
+        return x * ratio if ratio else None
 
 
 class Estimates:

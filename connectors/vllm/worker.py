@@ -130,6 +130,7 @@ class WorkerSide:
         self._step_started: Any = None
         self._step_load_s = 0.0
         self._step_samples: list[tuple[int, float]] = []
+        self._warmed_up = False  # the first timed step (one-off costs) is not sampled
         self._cuda_steps: list[tuple[int, Any, Any]] = []
         self.interval = StatsInterval()
         self.stats = self.interval.total
@@ -202,6 +203,11 @@ class WorkerSide:
         if started is None:
             return
         if isinstance(started, float):
+            if not self._warmed_up:
+                # A new engine's first forward pays one-off costs (allocations, first kernels):
+                # measured 2-2.5x a later one of the same size here, it would inflate the rate.
+                self._warmed_up = True
+                return
             self._step_samples.append((meta.scheduled_tokens, time.perf_counter() - started - self._step_load_s))
         else:  # read once the GPU got there: never wait for it
             ended = torch.cuda.Event(enable_timing=True)
@@ -295,6 +301,10 @@ class WorkerSide:
             self._ready.append((spec, leased))
 
     def _promote_and_lease(self, client: DaemonClient, spec: LoadSpec) -> tuple[int, _Slots] | None:
+        # Map the daemon's current arena first (cheap when mapped): after a daemon restart the
+        # copy would otherwise find the lease in an arena this worker does not map yet, and the
+        # request would have waited for blocks it then throws away.
+        self._map_arena(client)
         fetched = promote_and_lease(client, self.layout.layout_id, spec)
         self.stats["load_given_up"] += fetched.gave_up
         grant = fetched.lease

@@ -145,6 +145,18 @@ def test_estimates_learn_rates_and_keep_priors_until_then() -> None:
     assert estimates.load_s({"s3": 1 << 20}) > estimates.load_s({"disk": 1 << 20})
 
 
+def test_a_slow_step_does_not_raise_the_recompute_estimate() -> None:
+    """Steps slowed by other work on the cores (a new engine's first step, the saver sharing a
+    CPU engine's cores) must not make recomputing look dearer, or slow loads would look worth it."""
+    estimates = Estimates(min_prefill_tokens=64)
+    for seconds in (0.10, 0.25, 0.11, 0.24):  # same-sized steps, half of them slowed down
+        estimates.observe_step(4000, seconds)
+    assert estimates.recompute_s(4000) == pytest.approx(0.10)
+    for tokens, seconds in ((500, 0.05), (2000, 0.5), (4000, 0.1), (1000, 0.04)):  # a line, one point slowed
+        estimates.observe_step(tokens, seconds)
+    assert estimates.recompute_s(4000) <= 0.1
+
+
 def _scheduler(tmp_path: Path, **settings):
     """A scheduler half whose daemon is unreachable (its decisions need none)."""
     import torch
