@@ -40,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import Row, run_benchmark
+from connectors.vllm.settings import ConnectorSettings
 from kvtier.blocks import KVLayout, hash_prompt, payload_checksum
 from kvtier.chain.promotion import FetchBudget
 from kvtier.client import DaemonClient, ReserveStatus
@@ -50,7 +51,7 @@ from kvtier.testing.tiny_model import tiny_model_path
 
 LAYOUT = KVLayout(model="bench/busy", dtype="float32", num_layers=8, num_kv_heads=8, head_size=64, block_size=32)  # 1 MiB
 AS_USERS_RUN_IT = {"VLLM_ENABLE_V1_MULTIPROCESSING": None, "VLLM_CPU_OMP_THREADS_BIND": None, "OMP_NUM_THREADS": None}
-LOSS_FLOOR_MS = 10.0  # connectors.vllm.settings: min_loss_s
+LOSS_FLOOR_MS = ConnectorSettings().min_loss_s * 1000  # the smallest allowance a request gives kvtier
 
 
 def percentile(samples: list[float], q: float) -> float:

@@ -57,9 +57,10 @@ class TorchPageCopier(PageCopier):
             return CompletedHandle(*handle_size(kv, request))
         ids = request.block_ids.to(kv.device)
         rows = slot_rows(request, kv.slot_nbytes)
+        spans = _spans(request) if rows is None else []
         for run in kv.runs:
             if rows is None:
-                _copy_run_in_spans(run, request, _spans(request))
+                _copy_run_in_spans(run, request, spans)
             elif request.direction is Direction.GATHER:
                 _gather_run(run, ids, rows, request.host.device)
             else:
@@ -100,7 +101,8 @@ def _scatter_run(run: PageRun, ids: torch.Tensor, slots: SlotRows) -> None:
 
 @dataclass(frozen=True, slots=True)
 class _Span:
-    """``count`` blocks from ``first_block`` on, in slots ``first_offset + k * pitch``."""
+    """``count`` blocks from ``first_block`` on, in slots ``first_offset + k * pitch``
+    (``pitch > 0`` once ``count > 1``; 0 for a single block)."""
 
     first_block: int
     first_offset: int
@@ -114,12 +116,9 @@ def _spans(request: CopyRequest) -> list[_Span]:
     for block, offset in zip(request.block_ids.tolist(), request.offsets.tolist(), strict=True):
         last = spans[-1] if spans else None
         if last is not None and block == last.first_block + last.count:
-            pitch = offset - last.first_offset - (last.count - 1) * last.pitch
-            if last.count == 1 and pitch > 0:
-                spans[-1] = _Span(last.first_block, last.first_offset, 2, pitch)
-                continue
-            if pitch == last.pitch:
-                spans[-1] = _Span(last.first_block, last.first_offset, last.count + 1, last.pitch)
+            pitch = offset - (last.first_offset + (last.count - 1) * last.pitch)
+            if pitch > 0 and (last.count == 1 or pitch == last.pitch):
+                spans[-1] = _Span(last.first_block, last.first_offset, last.count + 1, pitch)
                 continue
         spans.append(_Span(block, offset, 1, 0))
     return spans

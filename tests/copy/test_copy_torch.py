@@ -61,6 +61,18 @@ def test_random_layouts_match_reference(backend: str, case: kc.Case) -> None:
     kc.check_round_trip(BACKENDS[backend](), case, CPU)
 
 
+def test_scatter_of_consecutive_blocks_from_one_slot() -> None:
+    """Consecutive block ids may read the same slot (a scatter may repeat an offset): that is no
+    span with a pitch, each block gets the slot's bytes."""
+    kv = [torch.zeros(6, 4, 8, dtype=torch.float16) for _ in range(2)]
+    arena = torch.arange(256, dtype=torch.uint8).repeat(8)
+    TorchPageCopier().scatter(kv, [2, 3, 4], arena, [64, 64, 320]).wait()
+    slot_nbytes = 2 * 4 * 8 * 2
+    for block, offset in ((2, 64), (3, 64), (4, 320)):
+        got = torch.cat([layer[block].contiguous().view(torch.uint8).flatten() for layer in kv])
+        assert torch.equal(got, arena[offset:offset + slot_nbytes])
+
+
 @pytest.mark.parametrize("case", kc.CASES, ids=kc.CASE_IDS)
 def test_round_trip_restores_exactly(case: kc.Case) -> None:
     kc.check_round_trip(TorchPageCopier(), case, CPU)
