@@ -16,8 +16,11 @@ it again. Two rates decide that, both measured in this engine:
 - **Tier load time** (a fixed cost per load plus a cost per byte, fitted the same way): the
   scheduler times each asynchronous load from its start to the workers' report that it is in
   the engine (promotion, lease, copy and the engine's hand-offs: the whole wait as the request
-  sees it). Each tier's line starts from a conservative prior, which measured loads move and
-  then replace.
+  sees it), counting the bytes that arrived. Each tier's line starts from a conservative prior,
+  which measured loads move and then replace.
+- **Tier read time** (the same kind of line): the daemon's promotion alone (the worker's fetch
+  call, a lookup's own promotion), which decides whether a lookup can bring a short run in
+  itself.
 
 :class:`LossBudget` turns them into the rule a waiting request follows: it may spend on kvtier at
 most ``max_loss_fraction`` of its recompute time (at least ``min_loss_s``) beyond what the blocks
@@ -103,7 +106,8 @@ class Estimates:
     def __init__(self, min_prefill_tokens: int) -> None:
         self.min_prefill_tokens = min_prefill_tokens
         self._prefill = _LineFit()
-        self._tiers: dict[str, _LineFit] = {}
+        self._tiers: dict[str, _LineFit] = {}  # whole asynchronous loads
+        self._reads: dict[str, _LineFit] = {}  # the daemon's promotions alone
 
     # ---- samples ----------------------------------------------------------------------------
 
@@ -117,19 +121,24 @@ class Estimates:
         if tokens_per_s > 0 and self._prefill.slope is None:
             self._prefill.add(tokens_per_s * _SEED_SECONDS, _SEED_SECONDS)
 
-    def _tier(self, tier: str) -> _LineFit:
-        """A tier's load time against bytes, seeded with its prior (two points on its prior line)."""
-        fit = self._tiers.get(tier)
+    @staticmethod
+    def _tier(fits: dict[str, _LineFit], tier: str) -> _LineFit:
+        """A tier's time against bytes, seeded with its prior (two points on its prior line)."""
+        fit = fits.get(tier)
         if fit is None:
             bandwidth, latency = _TIER_PRIORS.get(tier, _UNKNOWN_TIER)
-            fit = self._tiers[tier] = _LineFit()
+            fit = fits[tier] = _LineFit()
             for nbytes in (64 << 10, 64 << 20):
                 fit.add(nbytes, latency + nbytes / bandwidth)
         return fit
 
     def observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
-        """A load of ``nbytes`` whose slowest part came from ``tier`` took ``seconds``."""
-        self._tier(tier).add(nbytes, seconds)
+        """An asynchronous load of ``nbytes`` whose slowest part came from ``tier`` took ``seconds``."""
+        self._tier(self._tiers, tier).add(nbytes, seconds)
+
+    def observe_read(self, tier: str, nbytes: int, seconds: float) -> None:
+        """The daemon brought ``nbytes`` in from ``tier`` in ``seconds``."""
+        self._tier(self._reads, tier).add(nbytes, seconds)
 
     # ---- predictions -------------------------------------------------------------------------
 
@@ -144,8 +153,12 @@ class Estimates:
         return tokens * slope if slope else None
 
     def load_s(self, nbytes_by_tier: dict[str, int]) -> float:
-        """Expected seconds to bring these bytes into host memory and lease them."""
-        return sum(self._tier(tier).predict(nbytes) or 0.0 for tier, nbytes in nbytes_by_tier.items())
+        """Expected seconds a request waits for an asynchronous load of these bytes."""
+        return sum(self._tier(self._tiers, tier).predict(nbytes) or 0.0 for tier, nbytes in nbytes_by_tier.items())
+
+    def read_s(self, nbytes_by_tier: dict[str, int]) -> float:
+        """Expected seconds for the daemon to bring these bytes into host memory."""
+        return sum(self._tier(self._reads, tier).predict(nbytes) or 0.0 for tier, nbytes in nbytes_by_tier.items())
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,11 +188,17 @@ class LossBudget:
     def allowance_s(self) -> float:
         return max(self.max_loss_fraction * self.block_s * self.blocks, self.min_loss_s)
 
-    @property
-    def max_wait_s(self) -> float:
-        """The longest the rule can ever let a request wait (every block arriving just in time)."""
-        return self.allowance_s + self.blocks * self.block_s
+    def max_wait_s(self, spent_s: float = 0.0) -> float:
+        """The longest the rule can ever let a request wait (every block arriving just in time),
+        after ``spent_s`` already spent waiting."""
+        return max(self.allowance_s - spent_s, 0.0) + self.blocks * self.block_s
 
-    def fetch_budget(self) -> FetchBudget:
-        """The rule as the daemon applies it while the request waits (``kvtier.chain.promotion``)."""
-        return FetchBudget(self.block_s, self.allowance_s)
+    def fetch_budget(self, spent_s: float = 0.0) -> FetchBudget:
+        """The rule as the daemon applies it while the request waits (``kvtier.chain.promotion``).
+
+        ``spent_s``: how long the request has waited already before the daemon's clock starts (a
+        queue for the loader thread, a reconnect after a daemon restart): it comes out of the
+        allowance, so the bound holds from the moment the request began to wait. Once that is
+        spent, it waits only while blocks arrive faster than computing them would take (which
+        still shortens the request)."""
+        return FetchBudget(self.block_s, max(self.allowance_s - spent_s, 0.0))

@@ -6,6 +6,9 @@ cannot serve it now, and what happens next depends on why:
 - **Unreachable** (no socket, connection refused or broken): the link backs off for
   ``retry_after_s`` (calls answer ``None`` at once), then reconnects, registers its layouts again
   and maps the (new) arena. In the embedded default it first starts a daemon again if none runs.
+  Meanwhile a background thread watches for a daemon on the socket (a restart takes about a
+  second) and ends the back-off as soon as it has reconnected to one, on a new connection (a gRPC
+  channel that failed to connect keeps failing fast for its own back-off, up to a second).
 - **Slow** (the daemon took the call but missed its deadline: busy, stopped, hung): not a dead
   daemon, so no back-off and no reconnect; calls answer ``None`` at once while a background probe
   asks the daemon a trivial question, and the link is usable again the moment one is answered.
@@ -28,10 +31,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
-from connectors.vllm.embedded import ensure_daemon
+from connectors.vllm.embedded import default_socket_path, ensure_daemon
 from connectors.vllm.settings import ConnectorSettings
 from kvtier.blocks import KVLayout
 from kvtier.client import DaemonClient
+from kvtier.daemon.server import socket_is_live
 from kvtier.errors import DaemonTimeoutError, DaemonUnavailableError, KVTierError, LayoutError
 
 log = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger: its handler, format and VLLM_LOGGING_LEVEL
@@ -55,6 +59,7 @@ class DaemonLink:
         self._background = ThreadPoolExecutor(2, thread_name_prefix="kvtier-link")  # connect, probe
         self._connecting: Future[bool] | None = None
         self._probing: Future[None] | None = None
+        self._watching: threading.Thread | None = None  # for the daemon's return while backing off
         self.counters = {"timeouts": 0, "unreachable": 0, "refused": 0}
         self.prefill_hint = 0.0  # the prefill rate (tokens/s) the daemon last heard for our layouts
 
@@ -113,16 +118,44 @@ class DaemonLink:
         except DaemonTimeoutError as exc:
             self._on_timeout(exc)
         except DaemonUnavailableError as exc:
-            self.counters["unreachable"] += 1
-            self._registered = False
-            if self.settings.socket_path is None:
-                self._forget_client()  # embedded default: the next connect starts a daemon again if none runs
-            self._down_until = time.monotonic() + self.settings.retry_after_s
-            log.warning("kvtier daemon unreachable (%s); treating kvtier as a miss for %.1fs", exc, self.settings.retry_after_s)
+            self._on_unreachable(exc)
         except KVTierError as exc:
             self.counters["refused"] += 1
             log.warning("kvtier daemon refused a call (%s); that call is a miss", exc)
         return None
+
+    def _on_unreachable(self, exc: DaemonUnavailableError) -> None:
+        self.counters["unreachable"] += 1
+        self._registered = False
+        self._forget_client()  # the next connect opens new connections (and, embedded, may start a daemon)
+        self._down_until = time.monotonic() + self.settings.retry_after_s
+        log.warning("kvtier daemon unreachable (%s); treating kvtier as a miss for up to %.1fs", exc, self.settings.retry_after_s)
+        with self._lock:
+            if (self._watching is None or not self._watching.is_alive()) and not self._closed.is_set():
+                self._watching = threading.Thread(target=self._watch_for_return, name="kvtier-link-watch", daemon=True)
+                self._watching.start()
+
+    def _watch_for_return(self) -> None:
+        """Background, while backing off: reconnect as soon as a daemon listens on the socket
+        again, and end the back-off then. It never starts a daemon (after the back-off the next
+        call does, in the embedded default), so ``kvtier stop`` is not undone at once."""
+        path = self.settings.socket_path or default_socket_path()
+        interval = _PROBE_INTERVAL_S
+        while not self._closed.wait(interval) and time.monotonic() < self._down_until:
+            interval = min(interval * 2, _PROBE_MAX_INTERVAL_S)
+            if not socket_is_live(path):
+                continue
+            try:
+                with self._lock:
+                    self._connect()
+            except DaemonUnavailableError:
+                self._forget_client()
+                continue
+            except KVTierError:  # there but late or refusing: the next call finds out how
+                return
+            self._down_until = 0.0
+            log.info("kvtier daemon reachable again")
+            return
 
     def _forget_client(self) -> None:
         with self._lock:

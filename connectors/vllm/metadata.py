@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
@@ -60,23 +61,39 @@ class KVTierConnectorMetadata(KVConnectorMetadata):
     scheduled_tokens: int = 0  # tokens this step computes (the workers time it: prefill rate)
 
 
+class AsyncLoaded(NamedTuple):
+    """How one asynchronous load went, as a worker saw it (ordered: the smallest ``blocks`` wins)."""
+
+    blocks: int  # leading blocks copied into the engine
+    before_fetch_s: float  # waited before the daemon was asked (loader queue, reconnect)
+    fetch_s: float  # the daemon's promotion and lease
+
+
 @dataclass
 class KVTierWorkerMetadata(KVConnectorWorkerMetadata):
     """What the workers report after a step: blocks committed to the daemon (for KV events),
-    leases whose blocks they copied (the scheduler releases them), and step timings (the
-    scheduler's prefill estimate)."""
+    leases whose blocks they copied (the scheduler releases them), step timings (the scheduler's
+    prefill estimate), and for each finished asynchronous load, how many leading blocks it brought
+    into the engine, how long it waited before asking the daemon and how long the daemon took
+    (the scheduler's tier estimates: a load given up early moved fewer bytes, and a reconnect is
+    not the tier's cost)."""
 
     committed: set[bytes] = field(default_factory=set)
     copied_leases: set[int] = field(default_factory=set)
     step_samples: list[tuple[int, float]] = field(default_factory=list)  # (scheduled tokens, seconds)
+    async_loaded: dict[str, AsyncLoaded] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if isinstance(other, KVTierWorkerMetadata):
             # With tensor parallelism a block is only whole once every rank saved it; the
             # scheduler announces what rank 0 reports (ranks save the same blocks). Each rank
             # copies from its own layout's lease: the union releases them all.
+            # A request's load is as far as its slowest rank got.
+            loaded = dict(self.async_loaded)
+            for req_id, load in other.async_loaded.items():
+                loaded[req_id] = min(load, loaded.get(req_id, load))
             return KVTierWorkerMetadata(
                 self.committed | other.committed, self.copied_leases | other.copied_leases,
-                self.step_samples or other.step_samples,
+                self.step_samples or other.step_samples, loaded,
             )
         return self

@@ -5,7 +5,10 @@ daemon on it:
 
 - **Lookups** start on a background thread when a request arrives: one batched Lookup per rank's
   layout and, for the leading run held in host memory, an Acquire that leases those blocks (they
-  cannot be evicted or moved until released). The scheduler is told "ask again" while the lookup
+  cannot be evicted or moved until released). Blocks below host memory that are expected to
+  arrive within half the lookup's allowance (a few MiB from disk) are promoted by the lookup
+  itself and leased with the host run (one Prefetch), so they too load synchronously, without the
+  engine-step hand-offs of an asynchronous load. The scheduler is told "ask again" while the lookup
   runs, for at most the request's loss allowance (``max_loss_fraction`` of its measured recompute
   time); a later answer is a miss, and a daemon that misses its call deadline is skipped until it
   answers again (``connectors.vllm.link``).
@@ -39,10 +42,11 @@ from connectors.vllm import step_timer
 from connectors.vllm.estimates import Estimates, LossBudget
 from connectors.vllm.identity import hash_extras, layout_for_rank
 from connectors.vllm.link import DaemonLink
-from connectors.vllm.metadata import KVTierConnectorMetadata, KVTierWorkerMetadata, LeasedSlots, LoadSpec, SaveSpec
+from connectors.vllm.metadata import AsyncLoaded, KVTierConnectorMetadata, KVTierWorkerMetadata, LeasedSlots, LoadSpec, SaveSpec
 from connectors.vllm.settings import ConnectorSettings
 from connectors.vllm.stats import StatsInterval
 from kvtier.blocks import PrefixHasher
+from kvtier.chain.promotion import FetchBudget
 from kvtier.client import DaemonClient, LeaseGrant
 from kvtier.errors import LeaseError
 
@@ -90,6 +94,7 @@ class _RequestState:
     loaded: range = range(0)
     saved_upto: int = 0  # blocks before this were saved (or loaded) already
     has_saves: bool = False
+    waited_async: bool = False  # it waited for an asynchronous load once: never again (host hits only)
 
 
 @dataclass
@@ -125,7 +130,9 @@ class SchedulerSide:
         self.announced: OrderedDict[bytes, None] = OrderedDict()  # blocks already in a STORAGE event
         self.slowest_lookup_s = 0.0
         self._tried_at: dict[str, float] = {}  # tier -> when a load from it was last tried
-        self._async_started: dict[str, tuple[float, str, int]] = {}  # request -> (when, tier, bytes) of its load
+        self._async_started: dict[str, tuple[float, str]] = {}  # request -> (when, tier) of its asynchronous load
+        self._lookup_reads: list[tuple[str, int, float]] = []  # (tier, bytes, s) promoted by lookups: estimates, on the scheduler thread
+        self._async_loaded: dict[str, AsyncLoaded] = {}  # request -> how its asynchronous load went
 
     # ---- lookups -----------------------------------------------------------------------------
 
@@ -146,12 +153,12 @@ class SchedulerSide:
         loadable = hashes[: (len(tokens) - 1) // self.block_size]  # the last token is always computed
         state.lookup_started = time.monotonic()
         if loadable and self.link.available:
-            state.pending_lookup = self._lookups.submit(self._lookup, list(loadable))
+            state.pending_lookup = self._lookups.submit(self._lookup, list(loadable), self._lookup_allowance_s(len(tokens)))
         else:  # a prompt shorter than two blocks (nothing to load), or a daemon that is late or unreachable
             state.pending_lookup = Future()
             state.pending_lookup.set_result(_Lookup([], {}, "", 0) if not loadable else None)
 
-    def _lookup(self, hashes: list[bytes]) -> _Lookup | None:
+    def _lookup(self, hashes: list[bytes], allowance_s: float) -> _Lookup | None:
         def lookup_and_lease(client: DaemonClient) -> _Lookup:
             found: list[str] | None = None
             for layout in self.layouts:  # a block is usable only if every rank holds it
@@ -159,15 +166,30 @@ class SchedulerSide:
                 found = tiers if found is None else [max(a, b, key=_tier_rank) for a, b in zip(found, tiers)]
             tiers = found or []
             host_run = next((i for i, tier in enumerate(tiers) if tier != "host"), len(tiers))
+            promote = self._promotion_in_lookup(tiers, host_run, allowance_s)
+            run = len(tiers) if promote else host_run
             grants: dict[str, LeaseGrant] = {}
+            started = time.perf_counter()
             try:
-                for layout in self.layouts if host_run else ():
-                    grants[layout.layout_id] = client.acquire(layout.layout_id, hashes[:host_run])
-                    host_run = min(host_run, len(grants[layout.layout_id].blocks))
+                for layout in self.layouts if run else ():
+                    if promote:
+                        grant = client.fetch(layout.layout_id, hashes[:run], promote, max_wait_s=promote.allowance_s).lease
+                    else:
+                        grant = client.acquire(layout.layout_id, hashes[:run])
+                    if grant is None:  # nothing arrived in time
+                        run = 0
+                        break
+                    grants[layout.layout_id] = grant
+                    run = min(run, len(grant.blocks))
             except BaseException:
                 self._release([grant.lease_id for grant in grants.values()])
                 raise
-            return _Lookup(tiers, grants, client.daemon_instance or "", host_run)
+            if promote:
+                deepest = max(tiers[host_run:], key=_tier_rank)
+                self._lookup_reads.append((deepest, max(run - host_run, 1) * self.block_nbytes, time.perf_counter() - started))
+                self.stats["lookup_promoted_blocks"] += max(run - host_run, 0)
+                tiers = ["host"] * run  # loaded synchronously; the rest is computed (no second wait)
+            return _Lookup(tiers, grants, client.daemon_instance or "", run)
 
         if not self.link.available:  # went late while this waited in the queue
             return None
@@ -178,6 +200,23 @@ class SchedulerSide:
             took = time.perf_counter() - started
             self.stats["lookup_us"] += int(took * 1e6)
             self.slowest_lookup_s = max(self.slowest_lookup_s, took)
+
+    def _promotion_in_lookup(self, tiers: list[str], host_run: int, allowance_s: float) -> FetchBudget | None:
+        """Whether the lookup should bring the blocks below host memory in itself, and under what
+        budget: when they are expected to arrive within half the lookup's own allowance (a few
+        MiB from disk), promoting them now and loading them synchronously beats an asynchronous
+        load, whose hand-offs between engine steps cost more than the reads. The daemon waits at
+        most that half; what arrived is leased, the rest is computed."""
+        block_s = self.estimates.recompute_s(self.block_size)
+        if host_run >= len(tiers) or block_s is None:
+            return None
+        nbytes: dict[str, int] = {}
+        for tier in tiers[host_run:]:
+            nbytes[tier] = nbytes.get(tier, 0) + self.block_nbytes
+        wait_s = allowance_s / 2
+        if self.estimates.read_s(nbytes) > wait_s:
+            return None
+        return FetchBudget(block_s, wait_s)
 
     def _lookup_allowance_s(self, tokens: int) -> float:
         """How long a request of ``tokens`` prompt tokens may wait for its lookup."""
@@ -228,17 +267,19 @@ class SchedulerSide:
         if len(found.tiers) <= start:
             return 0, False
         self._announce_stored(request, found.tiers, state.hasher.hashes)
-        state.decision = self._decide(found, start)
+        state.decision = self._decide(found, start, allow_async=not state.waited_async)
         if state.decision is None:
             return 0, False
         self.stats["lookup_hit_tokens"] += state.decision.count * self.block_size
         return state.decision.count * self.block_size, state.decision.budget is not None
 
-    def _decide(self, found: _Lookup, start: int) -> _Decision | None:
+    def _decide(self, found: _Lookup, start: int, allow_async: bool = True) -> _Decision | None:
         """Load the leased host run synchronously, or everything found asynchronously when the
-        deeper tiers are expected to beat recomputing by a clear margin."""
+        deeper tiers are expected to beat recomputing by a clear margin. A request that already
+        waited for an asynchronous load (given up, or failed) is not made to wait again: vLLM
+        asks again after a partial load, and a second wait would spend a second allowance."""
         end = len(found.tiers)
-        if end > max(found.host_run, start):
+        if allow_async and end > max(found.host_run, start):
             nbytes: dict[str, int] = {}
             for tier in found.tiers[start:end]:
                 nbytes[tier] = nbytes.get(tier, 0) + self.block_nbytes
@@ -330,7 +371,8 @@ class SchedulerSide:
         else:
             self._release_lookup(found)  # the worker leases what it promotes itself
             self.pending_loads.append(LoadSpec(request.request_id, block_ids, hashes, budget=decision.budget, tier=decision.tier))
-            self._async_started[request.request_id] = (time.monotonic(), decision.tier, count * self.block_nbytes)
+            self._async_started[request.request_id] = (time.monotonic(), decision.tier)
+            state.waited_async = True
             self.stats["async_loads"] += 1
         for grant in found.grants.values():
             self._lease_ttl_s = grant.expires_in_s
@@ -392,6 +434,7 @@ class SchedulerSide:
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         state = self.requests.pop(request.request_id, None)
         self._async_started.pop(request.request_id, None)
+        self._async_loaded.pop(request.request_id, None)
         if state is None:
             return False, None
         self._abandon(state)  # a lookup it never used
@@ -429,13 +472,27 @@ class SchedulerSide:
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         now = time.monotonic()
-        for req_id in getattr(output, "finished_recving", None) or ():
-            started = self._async_started.pop(req_id, None)
-            if started is not None:  # the whole wait, as the request saw it: promotion, lease, copy, hand-offs
-                at, tier, nbytes = started
-                self.estimates.observe_load(tier, nbytes, now - at)
+        while self._lookup_reads:
+            self.estimates.observe_read(*self._lookup_reads.pop())
         meta = getattr(output, "kv_connector_worker_meta", None)
         if not isinstance(meta, KVTierWorkerMetadata):
+            meta = None
+        for req_id, load in (meta.async_loaded.items() if meta else ()):  # (with TP, ranks may report in different steps)
+            self._async_loaded[req_id] = min(load, self._async_loaded.get(req_id, load))
+        for req_id in getattr(output, "finished_recving", None) or ():
+            started = self._async_started.pop(req_id, None)
+            load = self._async_loaded.pop(req_id, AsyncLoaded(0, 0.0, 0.0))
+            if started is not None:  # the whole wait, as the request saw it: promotion, lease, copy, hand-offs
+                at, tier = started
+                # What arrived in that time (a load given up early moved fewer blocks than it
+                # asked for; one that got none still says a block takes longer than this), less
+                # what the worker waited before asking the daemon (a reconnect after a restart):
+                # that is not the tier's cost.
+                nbytes = max(load.blocks, 1) * self.block_nbytes
+                self.estimates.observe_load(tier, nbytes, max(now - at - load.before_fetch_s, 1e-6))
+                if load.fetch_s > 0:
+                    self.estimates.observe_read(tier, nbytes, load.fetch_s)
+        if meta is None:
             return
         self._release(meta.copied_leases)
         for tokens, seconds in meta.step_samples:

@@ -40,7 +40,7 @@ import torch
 
 from connectors.vllm.identity import layout_for_rank
 from connectors.vllm.link import DaemonLink
-from connectors.vllm.metadata import KVTierConnectorMetadata, KVTierWorkerMetadata, LoadSpec, SaveSpec
+from connectors.vllm.metadata import AsyncLoaded, KVTierConnectorMetadata, KVTierWorkerMetadata, LoadSpec, SaveSpec
 from connectors.vllm.settings import ConnectorSettings
 from connectors.vllm.stats import StatsInterval
 from kvtier.blocks import payload_checksum
@@ -125,6 +125,8 @@ class WorkerSide:
         self._recving_done: set[str] = set()
         self._failed_block_ids: set[int] = set()
         self._copied_leases: set[int] = set()
+        self._async_loaded: dict[str, AsyncLoaded] = {}  # finished asynchronous loads, for the scheduler's estimates
+        self._fetch_times: dict[str, tuple[float, float]] = {}  # (s before the fetch call, s in it); loader threads write
         self._copies_in_flight: list[tuple[CudaEventHandle, int]] = []  # (scatter, scheduler lease) on CUDA
         # timings for the scheduler's estimates
         self._step_started: Any = None
@@ -181,9 +183,16 @@ class WorkerSide:
                 tensor = torch.frombuffer(arena.buffer, dtype=torch.uint8)
                 self.copier.register_host(tensor)  # CUDA: pin it now, not inside a copy on the step
                 if mapping is not None:
-                    self.copier.unregister_host(mapping.tensor)
+                    # Unmapping a large arena (and freeing its pages, once the restarted daemon
+                    # removed the file) takes a while: never on the path of the call that found it.
+                    threading.Thread(target=self._unmap, args=(mapping,), name="kvtier-unmap", daemon=True).start()
                 mapping = self._mapping = _Mapping(client.daemon_instance or "", arena, tensor)
             return mapping
+
+    def _unmap(self, mapping: _Mapping) -> None:
+        """Let go of a dead daemon's arena: the client closed it; the map goes away with the last
+        reference to its tensor, which this thread holds once the copier forgot it."""
+        self.copier.unregister_host(mapping.tensor)
 
     # ---- step timing (for the scheduler's prefill-rate estimate) ------------------------------
 
@@ -222,11 +231,12 @@ class WorkerSide:
             if not self.enabled:
                 self._fail(spec.block_ids)
                 if spec.is_async:
+                    self._async_loaded[spec.req_id] = AsyncLoaded(0, 0.0, 0.0)
                     self._mark_received(spec.req_id)
                 for slots in spec.leases.values():
                     self._copied_leases.add(slots.lease_id)
             elif spec.is_async:
-                self._loader.submit(self._fetch, spec)
+                self._loader.submit(self._fetch, spec, time.monotonic())
             else:
                 self._load_leased(spec)
         # Deeper-tier loads whose blocks arrived and are leased: copy them now, on this thread.
@@ -235,16 +245,20 @@ class WorkerSide:
             with self._lock:
                 ready, self._ready = self._ready, []
             for spec, leased in ready:
+                loaded = 0
                 try:
                     if leased is None:
                         self._fail(spec.block_ids)
                     else:
                         lease_id, slots = leased
-                        handle = self._copy_in(spec, slots)
+                        handle, loaded = self._copy_in(spec, slots)
                         if handle is not None:
                             handle.wait()  # (CUDA: rare, and before the request's first forward)
                         self._releaser.submit(self._release_own, lease_id)
                 finally:
+                    with self._lock:
+                        times = self._fetch_times.pop(spec.req_id, (0.0, 0.0))
+                    self._async_loaded[spec.req_id] = AsyncLoaded(loaded, *times)
                     self._mark_received(spec.req_id)
         if meta.loads:
             self._step_load_s += time.perf_counter() - started
@@ -255,15 +269,15 @@ class WorkerSide:
             self._fail(spec.block_ids)
             return
         lease_id = slots.lease_id
-        handle = self._copy_in(spec, _Slots(slots.daemon_instance, slots.offsets, slots.checksums))
+        handle, _ = self._copy_in(spec, _Slots(slots.daemon_instance, slots.offsets, slots.checksums))
         if isinstance(handle, CudaEventHandle):
             self._copies_in_flight.append((handle, lease_id))  # the lease holds the slots until the GPU read them
         else:
             self._copied_leases.add(lease_id)
 
-    def _copy_in(self, spec: LoadSpec, slots: _Slots) -> Any:
+    def _copy_in(self, spec: LoadSpec, slots: _Slots) -> tuple[Any, int]:
         """Verify the leading run of ``slots`` and scatter it into ``spec``'s blocks; fail the rest.
-        Returns the copy's handle (None when nothing was copied)."""
+        Returns the copy's handle (None when nothing was copied) and the blocks copied."""
         mapping = self._mapping
         good = 0
         if mapping is None or mapping.daemon_instance != slots.daemon_instance:
@@ -287,25 +301,34 @@ class WorkerSide:
         self.stats["loaded_blocks"] += good
         if good < len(spec.block_ids):
             self._fail(spec.block_ids[good:])
-        return handle
+        return handle, good
 
-    def _fetch(self, spec: LoadSpec) -> None:
-        """Loader thread: have the daemon promote the blocks, within the request's loss budget,
-        and lease the leading run that arrived. The next step copies it."""
+    def _fetch(self, spec: LoadSpec, received: float) -> None:
+        """Loader thread: have the daemon promote the blocks, within what is left of the
+        request's loss budget since the step handed it over (``received``, monotonic), and lease
+        the leading run that arrived. The next step copies it."""
         leased = None
         try:
-            leased = self.link.call(lambda client: self._promote_and_lease(client, spec))
+            leased = self.link.call(lambda client: self._promote_and_lease(client, spec, received))
         except Exception:  # the copy step fails what is missing
             log.exception("loading blocks of %s failed", spec.req_id)
         with self._lock:
             self._ready.append((spec, leased))
 
-    def _promote_and_lease(self, client: DaemonClient, spec: LoadSpec) -> tuple[int, _Slots] | None:
+    def _promote_and_lease(self, client: DaemonClient, spec: LoadSpec, received: float) -> tuple[int, _Slots] | None:
         # Map the daemon's current arena first (cheap when mapped): after a daemon restart the
         # copy would otherwise find the lease in an arena this worker does not map yet, and the
         # request would have waited for blocks it then throws away.
         self._map_arena(client)
-        fetched = promote_and_lease(client, self.layout.layout_id, spec)
+        # Time spent since the step handed the load over (the loader's queue, a reconnect after a
+        # daemon restart, another thread's re-registration) comes out of the request's budget.
+        started = time.monotonic()
+        spent = started - received
+        with self._lock:
+            self._fetch_times[spec.req_id] = (spent, 0.0)
+        fetched = promote_and_lease(client, self.layout.layout_id, spec, spent_s=spent)
+        with self._lock:
+            self._fetch_times[spec.req_id] = (spent, time.monotonic() - started)
         self.stats["load_given_up"] += fetched.gave_up
         grant = fetched.lease
         if grant is None or not grant.blocks:
@@ -496,12 +519,12 @@ class WorkerSide:
                 else:
                     pending.append((tokens, started, ended))
             self._cuda_steps = pending
-        if not (self._committed or self._copied_leases or self._step_samples):
+        if not (self._committed or self._copied_leases or self._step_samples or self._async_loaded):
             return None
         with self._lock:
             committed, self._committed = self._committed, set()
-        meta = KVTierWorkerMetadata(committed, self._copied_leases, self._step_samples)
-        self._copied_leases, self._step_samples = set(), []
+        meta = KVTierWorkerMetadata(committed, self._copied_leases, self._step_samples, self._async_loaded)
+        self._copied_leases, self._step_samples, self._async_loaded = set(), [], {}
         return meta
 
     def shutdown(self) -> None:
@@ -520,11 +543,13 @@ class WorkerSide:
         log.info("KVTierConnector worker stats: %s", dict(self.stats))
 
 
-def promote_and_lease(client: DaemonClient, layout_id: str, spec: LoadSpec) -> FetchResult:
+def promote_and_lease(client: DaemonClient, layout_id: str, spec: LoadSpec, spent_s: float = 0.0) -> FetchResult:
     """Have the daemon promote ``spec``'s blocks into host memory and lease the leading run that
-    arrived, in one call, within ``spec.budget``: the daemon stops waiting as soon as waiting would
-    cost the request more than the budget allows against recomputing, and the call's deadline is
-    the longest wait the budget can ever allow, plus a little."""
+    arrived, in one call, within ``spec.budget`` less ``spent_s`` (how long the request has
+    waited already): the daemon stops waiting as soon as waiting would cost the request more than
+    the budget allows against recomputing, and the call's deadline is the longest wait the budget
+    can still allow, plus a little. With the allowance spent, blocks already in host memory are
+    still leased, and the daemon waits only while blocks arrive faster than computing them."""
     budget = spec.budget
-    return client.fetch(layout_id, list(spec.block_hashes), budget.fetch_budget(), max_wait_s=budget.max_wait_s,
+    return client.fetch(layout_id, list(spec.block_hashes), budget.fetch_budget(spent_s), max_wait_s=budget.max_wait_s(spent_s),
                         timeout_s=_CALL_SLACK_S)

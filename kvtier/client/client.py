@@ -16,6 +16,7 @@ checksum the daemon recorded at commit, so bytes that changed in the arena are n
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -122,7 +123,9 @@ class DaemonClient:
                                                                       prefill_tokens_per_s=prefill_tokens_per_s))
         if reply.daemon_instance != self._daemon_instance:
             if self._arena is not None:
-                self._arena.close()  # a restarted daemon: its arena is a new file
+                # A restarted daemon: its arena is a new file. Unmapping the old one (and freeing
+                # its pages) can take a while for a large arena: not on the caller's thread.
+                threading.Thread(target=self._arena.close, name="kvtier-unmap", daemon=True).start()
                 self._arena = None
             if self._fast is not None:
                 self._fast.close()

@@ -44,6 +44,14 @@ def test_worker_metadata_aggregates_committed_blocks() -> None:
     assert a.aggregate(b).committed == {b"x" * 16, b"y" * 16}
 
 
+def test_an_async_load_is_as_far_as_its_slowest_rank_got() -> None:
+    from connectors.vllm.metadata import AsyncLoaded
+
+    a = KVTierWorkerMetadata(async_loaded={"r1": AsyncLoaded(10, 0.0, 0.1), "r2": AsyncLoaded(4, 0.01, 0.1)})
+    b = KVTierWorkerMetadata(async_loaded={"r1": AsyncLoaded(7, 0.02, 0.2), "r3": AsyncLoaded(1, 0.0, 0.1)})
+    assert a.aggregate(b).async_loaded == {"r1": (7, 0.02, 0.2), "r2": (4, 0.01, 0.1), "r3": (1, 0.0, 0.1)}
+
+
 def test_a_disabled_worker_still_reports_its_requests_finished() -> None:
     """A worker that cannot save (here: never given a KV cache that matches its layout) must
     still tell the scheduler that requests' saves are done, or their blocks are never freed."""

@@ -79,6 +79,23 @@ def test_an_unreachable_daemon_is_backed_off_then_reconnected(daemon: LocalDaemo
         link.close()
 
 
+def test_a_restarted_daemon_ends_the_back_off_as_soon_as_it_is_back(daemon: LocalDaemon) -> None:
+    """A restart takes a second or so: the link reconnects then (on new connections, registering
+    its layout with the new daemon), not when its back-off of a minute is over."""
+    link = make_link(daemon, retry_after_s=60)
+    try:
+        first = link.client.daemon_instance
+        daemon.stop()
+        assert link.call(lambda c: c.lookup(LAYOUT.layout_id, HASHES)) is None
+        assert not link.available
+        daemon.start()
+        assert wait_until(lambda: link.available, timeout=20), "the link must notice the daemon is back"
+        assert link.call(lambda c: c.lookup(LAYOUT.layout_id, HASHES)) == []
+        assert link.client.daemon_instance not in (None, first) and link.counters["unreachable"] == 1
+    finally:
+        link.close()
+
+
 def test_a_refused_call_is_one_miss_not_a_back_off(daemon: LocalDaemon) -> None:
     link = make_link(daemon, retry_after_s=60)
     try:
@@ -105,7 +122,14 @@ def test_loss_budget_bounds_the_cost_of_waiting() -> None:
             if rule.remaining_s(elapsed, got) <= 0:
                 assert elapsed + (100 - got) * 0.01 <= 1.0 + budget.allowance_s + 0.002  # one step of the loop
                 break
-    assert budget.max_wait_s == pytest.approx(1.05)
+    assert budget.max_wait_s() == pytest.approx(1.05)
+    # Time the request already spent before the daemon's clock started comes out of the allowance.
+    late = budget.fetch_budget(spent_s=0.03)
+    assert late.remaining_s(0.019, got=0) > 0 and late.remaining_s(0.021, got=0) <= 0
+    assert budget.max_wait_s(spent_s=0.03) == pytest.approx(1.02)
+    spent = budget.fetch_budget(spent_s=0.2)  # all of it spent: it waits only for blocks arriving faster than computing them
+    assert spent.remaining_s(0.001, got=0) <= 0 and spent.remaining_s(0.11, got=10) <= 0 and spent.remaining_s(0.09, got=10) > 0
+    assert budget.max_wait_s(spent_s=0.2) == pytest.approx(1.0)
     assert LossBudget(4, 0.001, 0.001, 0.05, 0.01).allowance_s == 0.01  # the floor
     unknown = LossBudget(blocks=10, recompute_block_s=None, expected_s=0.02, max_loss_fraction=0.05, min_loss_s=0.001)
     assert unknown.block_s == pytest.approx(0.004)  # assumed twice the expected load
@@ -185,6 +209,86 @@ def test_deeper_tiers_are_loaded_only_when_they_beat_recomputing(tmp_path: Path)
         assert decision.budget is None and decision.count == 4  # only the host run, synchronously
         assert scheduler.stats["loads_declined"] == 1
         assert scheduler._decide(found, start=4) is None  # past the host run: nothing worth loading
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_lookup_promotes_small_deeper_runs_itself(tmp_path: Path) -> None:
+    """A few blocks on disk, expected within half the lookup's allowance, are promoted by the
+    lookup (and then load synchronously); a long run is left to an asynchronous load."""
+    scheduler = _scheduler(tmp_path)
+    try:
+        tiers = ["host"] * 4 + ["disk"] * 4
+        assert scheduler._promotion_in_lookup(tiers, 4, allowance_s=0.01) is None  # recompute not measured yet
+        scheduler.estimates.seed_prefill(1000.0)  # 16 ms per 16-token block
+        budget = scheduler._promotion_in_lookup(tiers, 4, allowance_s=0.02)
+        assert budget is not None and budget.allowance_s == pytest.approx(0.01) and budget.block_s == pytest.approx(0.016)
+        assert scheduler._promotion_in_lookup(["host"] * 4, 4, allowance_s=0.02) is None  # nothing below host memory
+        assert scheduler._promotion_in_lookup(["host"] * 4 + ["s3"] * 4000, 4, allowance_s=0.02) is None  # too long
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_lookup_leases_the_disk_run_it_promoted(daemon: LocalDaemon, tmp_path: Path) -> None:
+    """Against a real daemon whose blocks sit on disk only (restarted: host memory empty)."""
+    scheduler = _scheduler(tmp_path, socket_path=str(daemon.socket_path))
+    try:
+        with daemon.client() as client:
+            client.register_layout(scheduler.layouts[0])
+            client.write_blocks(scheduler.layouts[0].layout_id,
+                                {h: bytes([i]) * scheduler.block_nbytes for i, h in enumerate(HASHES[:8])})
+        assert daemon.wait_for_demotions()
+        daemon.restart()  # blocks now on disk only
+        layout_id = scheduler.layouts[0].layout_id
+        assert wait_until(lambda: scheduler.link.call(lambda c: c.lookup(layout_id, [])) is not None, timeout=20)
+        scheduler.estimates.seed_prefill(1000.0)
+        found = scheduler._lookup(list(HASHES[:8]), allowance_s=2.0)
+        assert found.host_run == 8 and found.tiers == ["host"] * 8
+        grant = found.grants[scheduler.layouts[0].layout_id]
+        assert [b.block_hash for b in grant.blocks] == list(HASHES[:8])
+        assert scheduler.stats["lookup_promoted_blocks"] == 8
+        decision = scheduler._decide(found, start=0)
+        assert decision.budget is None and decision.count == 8  # a synchronous load
+        scheduler._release_lookup(found)
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_request_waits_for_one_asynchronous_load_at_most(tmp_path: Path) -> None:
+    """After a partial load vLLM asks again; a second wait would spend a second allowance."""
+    from connectors.vllm.scheduler import _Lookup
+
+    scheduler = _scheduler(tmp_path)
+    try:
+        found = _Lookup(["host"] * 4 + ["disk"] * 60, {}, "run", host_run=4)
+        assert scheduler._decide(found, start=0).budget is not None
+        decision = scheduler._decide(found, start=0, allow_async=False)
+        assert decision.budget is None and decision.count == 4  # what is in host memory now, synchronously
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_given_up_load_teaches_the_tier_estimate_what_arrived(tmp_path: Path) -> None:
+    """A load of 64 blocks given up after 2 arrived in 0.2 s says the tier moves about 2 blocks
+    in 0.2 s, not 64; the worker's wait before asking the daemon (a reconnect) is not counted."""
+    import time
+
+    from vllm.v1.outputs import KVConnectorOutput
+
+    from connectors.vllm.metadata import AsyncLoaded, KVTierWorkerMetadata
+
+    scheduler = _scheduler(tmp_path)
+    try:
+        nbytes = 64 * scheduler.block_nbytes
+        prior = scheduler.estimates.load_s({"s3": nbytes})
+        for index in range(4):
+            scheduler._async_started[f"r{index}"] = (time.monotonic() - 0.5, "s3")
+            meta = KVTierWorkerMetadata(async_loaded={f"r{index}": AsyncLoaded(2, 0.3, 0.15)})  # 0.3 s of the 0.5 s before the fetch
+            scheduler.update_connector_output(KVConnectorOutput(finished_recving={f"r{index}"}, kv_connector_worker_meta=meta))
+        per_two = scheduler.estimates.load_s({"s3": 2 * scheduler.block_nbytes})
+        assert 0.1 < per_two < 0.35  # about 0.2 s for two blocks, not 0.5 s
+        assert scheduler.estimates.load_s({"s3": nbytes}) > 3 * prior  # 64 blocks now look far dearer than the prior
+        assert 0.05 < scheduler.estimates.read_s({"s3": 2 * scheduler.block_nbytes}) < per_two  # the daemon's part of it
     finally:
         scheduler.shutdown()
 
