@@ -56,10 +56,10 @@ class DaemonLink:
         self._down_until = 0.0
         self._slow = threading.Event()  # set while the daemon is late; cleared by the probe
         self._closed = threading.Event()
-        self._background = ThreadPoolExecutor(2, thread_name_prefix="kvtier-link")  # connect, probe
+        self._background = ThreadPoolExecutor(3, thread_name_prefix="kvtier-link")  # connect, probe, watch
         self._connecting: Future[bool] | None = None
         self._probing: Future[None] | None = None
-        self._watching: threading.Thread | None = None  # for the daemon's return while backing off
+        self._watching: Future[None] | None = None  # for the daemon's return while backing off
         self.counters = {"timeouts": 0, "unreachable": 0, "refused": 0}
         self.prefill_hint = 0.0  # the prefill rate (tokens/s) the daemon last heard for our layouts
 
@@ -130,10 +130,7 @@ class DaemonLink:
         self._forget_client()  # the next connect opens new connections (and, embedded, may start a daemon)
         self._down_until = time.monotonic() + self.settings.retry_after_s
         log.warning("kvtier daemon unreachable (%s); treating kvtier as a miss for up to %.1fs", exc, self.settings.retry_after_s)
-        with self._lock:
-            if (self._watching is None or not self._watching.is_alive()) and not self._closed.is_set():
-                self._watching = threading.Thread(target=self._watch_for_return, name="kvtier-link-watch", daemon=True)
-                self._watching.start()
+        self._watching = self._submit_unless_running(self._watching, self._watch_for_return)
 
     def _watch_for_return(self) -> None:
         """Background, while backing off: reconnect as soon as a daemon listens on the socket
@@ -168,11 +165,7 @@ class DaemonLink:
         if not self._slow.is_set():
             self._slow.set()
             log.warning("kvtier daemon is late (%s); treating kvtier as a miss until it answers again", exc)
-        if (self._probing is None or self._probing.done()) and not self._closed.is_set():
-            try:
-                self._probing = self._background.submit(self._probe)
-            except RuntimeError:  # shut down meanwhile
-                pass
+        self._probing = self._submit_unless_running(self._probing, self._probe)
 
     def _probe(self) -> None:
         """Background: ask the late daemon a trivial question until it answers in time."""
@@ -196,11 +189,17 @@ class DaemonLink:
 
     def _connect_in_background(self) -> None:
         """Start connecting on the link's own thread, unless that is under way (step thread only)."""
-        if (self._connecting is None or self._connecting.done()) and not self._closed.is_set():
+        self._connecting = self._submit_unless_running(self._connecting, self.connect)
+
+    def _submit_unless_running(self, running: Future[T] | None, task: Callable[[], T]) -> Future[T] | None:
+        """Run ``task`` on the link's background threads unless ``running`` (its last run) is
+        still going; the future of the run that is going now."""
+        if (running is None or running.done()) and not self._closed.is_set():
             try:
-                self._connecting = self._background.submit(self.connect)
-            except RuntimeError:
+                return self._background.submit(task)
+            except RuntimeError:  # shut down meanwhile
                 pass
+        return running
 
     def close(self) -> None:
         self._closed.set()

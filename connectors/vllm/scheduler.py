@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -210,13 +210,14 @@ class SchedulerSide:
         block_s = self.estimates.recompute_s(self.block_size)
         if host_run >= len(tiers) or block_s is None:
             return None
-        nbytes: dict[str, int] = {}
-        for tier in tiers[host_run:]:
-            nbytes[tier] = nbytes.get(tier, 0) + self.block_nbytes
         wait_s = allowance_s / 2
-        if self.estimates.read_s(nbytes) > wait_s:
+        if self.estimates.read_s(self._bytes_by_tier(tiers[host_run:])) > wait_s:
             return None
         return FetchBudget(block_s, wait_s)
+
+    def _bytes_by_tier(self, tiers: list[str]) -> dict[str, int]:
+        """The bytes these blocks (one tier each) take, per tier."""
+        return {tier: count * self.block_nbytes for tier, count in Counter(tiers).items()}
 
     def _lookup_allowance_s(self, tokens: int) -> float:
         """How long a request of ``tokens`` prompt tokens may wait for its lookup."""
@@ -280,10 +281,7 @@ class SchedulerSide:
         asks again after a partial load, and a second wait would spend a second allowance."""
         end = len(found.tiers)
         if allow_async and end > max(found.host_run, start):
-            nbytes: dict[str, int] = {}
-            for tier in found.tiers[start:end]:
-                nbytes[tier] = nbytes.get(tier, 0) + self.block_nbytes
-            expected = self.estimates.load_s(nbytes)
+            expected = self.estimates.load_s(self._bytes_by_tier(found.tiers[start:end]))
             count = end - start
             recompute = self.estimates.recompute_s(count * self.block_size)
             deepest = max(found.tiers[start:end], key=_tier_rank)

@@ -88,6 +88,23 @@ class _Slots(NamedTuple):
 
 
 @dataclass(slots=True)
+class _FetchTimes:
+    """How long an asynchronous load waited before its fetch call, and how long the call took
+    (zero when no call was made)."""
+
+    before_fetch_s: float = 0.0
+    fetch_s: float = 0.0
+
+
+class _Fetched(NamedTuple):
+    """An asynchronous load the loader thread is done with: its lease (None: nothing to copy)."""
+
+    spec: LoadSpec
+    leased: tuple[int, _Slots] | None
+    times: _FetchTimes
+
+
+@dataclass(slots=True)
 class _SaveJob:
     seq: int
     spec: SaveSpec
@@ -121,12 +138,11 @@ class WorkerSide:
         # loads
         self._loader = ThreadPoolExecutor(2, thread_name_prefix="kvtier-loader")
         self._releaser = ThreadPoolExecutor(1, thread_name_prefix="kvtier-release")
-        self._ready: list[tuple[LoadSpec, tuple[int, _Slots] | None]] = []  # promoted and leased: copy next step
+        self._ready: list[_Fetched] = []  # promoted and leased: copy next step
         self._recving_done: set[str] = set()
         self._failed_block_ids: set[int] = set()
         self._copied_leases: set[int] = set()
         self._async_loaded: dict[str, AsyncLoaded] = {}  # finished asynchronous loads, for the scheduler's estimates
-        self._fetch_times: dict[str, tuple[float, float]] = {}  # (s before the fetch call, s in it); loader threads write
         self._copies_in_flight: list[tuple[CudaEventHandle, int]] = []  # (scatter, scheduler lease) on CUDA
         # timings for the scheduler's estimates
         self._step_started: Any = None
@@ -244,7 +260,7 @@ class WorkerSide:
         if self._ready:  # the common case is empty: no lock taken on the step
             with self._lock:
                 ready, self._ready = self._ready, []
-            for spec, leased in ready:
+            for spec, leased, times in ready:
                 loaded = 0
                 try:
                     if leased is None:
@@ -256,9 +272,7 @@ class WorkerSide:
                             handle.wait()  # (CUDA: rare, and before the request's first forward)
                         self._releaser.submit(self._release_own, lease_id)
                 finally:
-                    with self._lock:
-                        times = self._fetch_times.pop(spec.req_id, (0.0, 0.0))
-                    self._async_loaded[spec.req_id] = AsyncLoaded(loaded, *times)
+                    self._async_loaded[spec.req_id] = AsyncLoaded(loaded, times.before_fetch_s, times.fetch_s)
                     self._mark_received(spec.req_id)
         if meta.loads:
             self._step_load_s += time.perf_counter() - started
@@ -308,14 +322,16 @@ class WorkerSide:
         request's loss budget since the step handed it over (``received``, monotonic), and lease
         the leading run that arrived. The next step copies it."""
         leased = None
+        times = _FetchTimes()
         try:
-            leased = self.link.call(lambda client: self._promote_and_lease(client, spec, received))
+            leased = self.link.call(lambda client: self._promote_and_lease(client, spec, received, times))
         except Exception:  # the copy step fails what is missing
             log.exception("loading blocks of %s failed", spec.req_id)
         with self._lock:
-            self._ready.append((spec, leased))
+            self._ready.append(_Fetched(spec, leased, times))
 
-    def _promote_and_lease(self, client: DaemonClient, spec: LoadSpec, received: float) -> tuple[int, _Slots] | None:
+    def _promote_and_lease(self, client: DaemonClient, spec: LoadSpec, received: float,
+                           times: _FetchTimes) -> tuple[int, _Slots] | None:
         # Map the daemon's current arena first (cheap when mapped): after a daemon restart the
         # copy would otherwise find the lease in an arena this worker does not map yet, and the
         # request would have waited for blocks it then throws away.
@@ -323,12 +339,9 @@ class WorkerSide:
         # Time spent since the step handed the load over (the loader's queue, a reconnect after a
         # daemon restart, another thread's re-registration) comes out of the request's budget.
         started = time.monotonic()
-        spent = started - received
-        with self._lock:
-            self._fetch_times[spec.req_id] = (spent, 0.0)
-        fetched = promote_and_lease(client, self.layout.layout_id, spec, spent_s=spent)
-        with self._lock:
-            self._fetch_times[spec.req_id] = (spent, time.monotonic() - started)
+        times.before_fetch_s = started - received
+        fetched = promote_and_lease(client, self.layout.layout_id, spec, spent_s=times.before_fetch_s)
+        times.fetch_s = time.monotonic() - started
         self.stats["load_given_up"] += fetched.gave_up
         grant = fetched.lease
         if grant is None or not grant.blocks:
