@@ -169,12 +169,68 @@ class DaemonConfig(_Section):
         return value
 
 
+class IndexConfig(_Section):
+    """``kvtier index serve``: the global index routers query and daemons publish to."""
+
+    address: str = "127.0.0.1:7460"  # TCP listener ("host:port"); every call authenticates (token or mTLS)
+    # Where the index keeps its state: "memory" (one replica), or a Redis URL ("redis://host:6379/0",
+    # "rediss://..." for TLS) shared by several replicas; Valkey and ElastiCache work the same.
+    store: str = "memory"
+    namespace: str = "kvtier"  # prefix of every Redis key
+    redis_password_file: Path | None = None  # else the URL's password, or KVTIER_REDIS_PASSWORD
+    redis_tls_ca_file: Path | None = None  # CA bundle for rediss:// (default: the system's)
+    heartbeat_ttl_s: float = Field(default=15.0, gt=0)  # a node silent this long leaves every answer
+    # Tier weights of the score: the share of recomputing a block that holding it there saves.
+    weights: dict[str, float] = Field(default_factory=dict)  # e.g. {"host": 0.9, "disk": 0.8, "s3": 0.5}
+    # vLLM engines' KV-event endpoints to subscribe to (their GPU tier): "node=tcp://host:5557",
+    # optionally "node=tcp://host:5557,replay=tcp://host:5558,model=NAME"; node and model default to
+    # the events' topic "kv@<node>@<model>".
+    engine_events: list[str] = Field(default_factory=list)
+    auth_token: SecretStr | None = None  # bearer token (prefer KVTIER_INDEX_AUTH_TOKEN)
+    auth_token_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None  # set to require client certificates (mTLS)
+    workers: int = Field(default=8, ge=1, le=256)  # gRPC handler threads
+
+    @field_validator("weights")
+    @classmethod
+    def _check_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        tiers = ("gpu", "host", "disk", "s3")
+        for tier, weight in value.items():
+            if tier not in tiers:
+                raise ValueError(f"unknown tier {tier!r}; expected one of {', '.join(tiers)}")
+            if not 0 <= weight <= 1:
+                raise ValueError(f"the weight of {tier} must be between 0 and 1, got {weight}")
+        return value
+
+
+class PublishConfig(_Section):
+    """What the daemon tells the index: every block it stores and drops, per tier, and a heartbeat."""
+
+    # None: the daemon keeps an index of its own tiers, served on its socket (kvtier index score
+    # --index unix:<socket>). Else a `kvtier index serve` address ("host:port", "unix:/path") or
+    # a Redis URL ("redis://...", "rediss://...") to write into directly.
+    index: str | None = None
+    auth_token: SecretStr | None = None  # the index's bearer token (prefer KVTIER_PUBLISH_AUTH_TOKEN)
+    auth_token_file: Path | None = None
+    tls_ca_file: Path | None = None  # to verify a TLS index (or rediss://)
+    redis_password_file: Path | None = None
+    namespace: str = "kvtier"  # Redis key prefix, as the index's
+    interval_s: float = Field(default=0.2, gt=0)  # batches go out at most this often
+    heartbeat_s: float = Field(default=2.0, gt=0)  # keep well under the index's heartbeat_ttl_s
+    max_batch_keys: int = Field(default=65536, ge=1)  # block keys per batch (a re-sync sends several)
+    max_pending_keys: int = Field(default=4_000_000, ge=1)  # beyond this, queued events are dropped for a re-sync
+
+
 class KVTierConfig(_Section):
     daemon: DaemonConfig = DaemonConfig()
     host: HostTierConfig = HostTierConfig()
     disk: DiskTierConfig = DiskTierConfig()
     s3: S3TierConfig = S3TierConfig()
     chain: ChainConfig = ChainConfig()
+    index: IndexConfig = IndexConfig()
+    publish: PublishConfig = PublishConfig()
 
     def __repr__(self) -> str:
         return f"KVTierConfig({self.model_dump_json()})"

@@ -21,6 +21,8 @@ callers never need to import a backend's exception types.
     │   ├── DaemonUnavailableError  the daemon is not running, not reachable or too slow
     │   │   └── DaemonTimeoutError  it is reachable but did not answer within the deadline
     │   └── AuthenticationError     the daemon refused the caller's credentials
+    ├── IndexServiceError        a call to the global index (or its Redis store) failed
+    │   └── IndexUnavailableError   the index or its store cannot be reached
     └── CopyError                the page-copy path rejected a request
         └── KernelUnavailableError  the CUDA kernel is not built or no GPU is present
 
@@ -97,6 +99,18 @@ class DaemonTimeoutError(DaemonUnavailableError):
 
 class AuthenticationError(DaemonError):
     """The daemon refused the caller's credentials (token or client certificate)."""
+
+
+class IndexServiceError(KVTierError):
+    """A call to the global index or its store failed; ``code`` is the gRPC status name if any."""
+
+    def __init__(self, message: str, *, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class IndexUnavailableError(IndexServiceError):
+    """The index service or its Redis store cannot be reached, or did not answer in time."""
 
 
 class CopyError(KVTierError):

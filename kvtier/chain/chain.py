@@ -94,6 +94,7 @@ class TierChain:
         self._lease_ids = itertools.count(1)
         self._pending_demotions = 0
         self._closed = False
+        self._watchers: list[Callable[[bool, int, BlockKey], None]] = []
         self._demoter = ThreadPoolExecutor(self.config.demotion_threads, thread_name_prefix="kvtier-demote")
         self._promoter = ThreadPoolExecutor(self.config.promotion_threads, thread_name_prefix="kvtier-promote")
         for state in self._states[1:]:
@@ -114,6 +115,37 @@ class TierChain:
             state.used_bytes += state.tier.stored_nbytes(stored.nbytes)
             state.blocks += 1
             state.policy.insert(stored.key)
+
+    # ---- change feed (for the index publisher) ------------------------------------------------
+
+    def watch(self, callback: Callable[[bool, int, BlockKey], None]) -> None:
+        """Call ``callback(stored, tier_index, key)`` whenever a tier gains (True) or loses a block.
+
+        It runs under the chain's lock, in the order the changes happen: it must only record
+        (append to a deque), never block or call back into the chain.
+        """
+        with self._lock:
+            self._watchers.append(callback)
+
+    def _changed(self, stored: bool, tier_index: int, key: BlockKey) -> None:
+        for callback in self._watchers:
+            callback(stored, tier_index, key)
+
+    def snapshot_keys(self, at_snapshot: Callable[[], None]) -> list[BlockKey]:
+        """Every key the chain knows, with ``at_snapshot()`` run under the same lock.
+
+        A publisher clears its queue of changes in ``at_snapshot``: every change before is
+        reflected in what :meth:`tiers_of` reports afterwards, every later one is queued.
+        """
+        with self._lock:
+            at_snapshot()
+            return list(self._records)
+
+    def tiers_of(self, keys: Sequence[BlockKey]) -> list[int]:
+        """Per key, the bitmask of tier indexes holding it now (0: none). One lock hold."""
+        with self._lock:
+            records = self._records
+            return [record.tiers if (record := records.get(key)) is not None else 0 for key in keys]
 
     @property
     def tiers(self) -> list[Tier]:
@@ -189,6 +221,7 @@ class TierChain:
             if not record.in_tier(HOST):
                 record.tiers |= 1
                 state.blocks += 1
+                self._changed(True, HOST, key)
             state.counters.bytes_in += slot.nbytes
             state.policy.insert(key)
             needs_demotion = len(self._states) > 1 and not record.held_below(HOST)
@@ -298,6 +331,7 @@ class TierChain:
         record.tiers &= ~(1 << state.index)
         state.used_bytes -= state.tier.stored_nbytes(record.nbytes)
         state.blocks -= 1
+        self._changed(False, state.index, key)
         state.policy.remove(key)
         if record.tiers == 0 and record.pins == 0:
             del self._records[key]
@@ -375,6 +409,7 @@ class TierChain:
                 record = self._records[key] = BlockRecord(nbytes, checksum)
             record.tiers |= 1 << state.index
             state.blocks += 1
+            self._changed(True, state.index, key)
             state.policy.insert(key)
             state.counters.demotions += 1
             state.counters.bytes_in += nbytes

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from kvtier import __version__
-from kvtier.cli import chain_demo, demo, serve, stats, stop
+from kvtier.cli import chain_demo, demo, index, serve, stats, stop
 from kvtier.errors import KVTierError
 
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(subparsers)
     stop.add_parser(subparsers)
     stats.add_parser(subparsers)
+    index.add_parser(subparsers)
     return parser
 
 

@@ -23,6 +23,8 @@ _FLAG_SETTINGS = {
     "tcp": ("daemon", "tcp_address"),
     "metrics": ("daemon", "metrics_address"),
     "cpu_affinity": ("daemon", "cpu_affinity"),
+    "node_name": ("daemon", "node"),
+    "index": ("publish", "index"),
     "host_capacity": ("host", "capacity"),
     "disk_path": ("disk", "path"),
     "disk_capacity": ("disk", "capacity"),
@@ -94,6 +96,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tcp", help="also listen on host:port (needs KVTIER_DAEMON_AUTH_TOKEN or mutual TLS)")
     parser.add_argument("--metrics", help="Prometheus metrics on host:port (default 127.0.0.1:9400)")
     parser.add_argument("--no-metrics", action="store_true", help="do not serve metrics")
+    parser.add_argument("--node-name", help="this node's name in the index (default: the host name; on Kubernetes the node name)")
+    parser.add_argument("--index", help="publish to this index: `kvtier index serve` host:port, or redis://... (default: "
+                        "the daemon's own index, on its socket)")
     parser.add_argument("--host-capacity", help="host arena size, e.g. 32GiB (default: a quarter of free memory)")
     parser.add_argument("--disk-path", help="disk tier folder")
     parser.add_argument("--disk-capacity", help="disk tier size, e.g. 500GiB")

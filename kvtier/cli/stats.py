@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from kvtier.cli.format import render_chain_stats
 from kvtier.client import DaemonClient, DaemonStats
 from kvtier.config import load_config
+from kvtier.events.model import PublisherStatus
 
 
 def stats_to_dict(stats: DaemonStats) -> dict[str, object]:
@@ -20,12 +22,22 @@ def stats_to_dict(stats: DaemonStats) -> dict[str, object]:
         "uptime_s": round(stats.uptime_s, 3),
         "active_reservations": stats.active_reservations,
         **stats.chain.to_dict(),
+        "publish": dataclasses.asdict(stats.publish) if stats.publish else None,
     }
 
 
 def render(stats: DaemonStats) -> str:
     header = f"kvtier {stats.version} on {stats.node}, up {stats.uptime_s:.0f}s, {stats.active_reservations} open reservations"
-    return header + "\n" + render_chain_stats(stats.chain)
+    return header + "\n" + render_chain_stats(stats.chain) + render_publish(stats.publish)
+
+
+def render_publish(publish: PublisherStatus | None) -> str:
+    if publish is None:
+        return ""
+    state = "publishing" if publish.publishing else f"NOT publishing ({publish.last_error or 'not connected yet'})"
+    age = f"{publish.last_published_age_s:.1f}s ago" if publish.last_published_age_s >= 0 else "never"
+    return (f"\nindex {publish.target}: {state}; {publish.pending_events} block events behind, last accepted {age}, "
+            f"batch {publish.seq} of session {publish.session[:8]}, {publish.resyncs} re-syncs")
 
 
 def run_stats(args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ from kvtier.client.types import (
 )
 from kvtier.daemon.wire import layout_to_proto
 from kvtier.errors import CorruptBlockError, LayoutError
+from kvtier.events.model import PublisherStatus
 from kvtier.tiers.arena import SharedArena
 from kvtier.v1 import daemon_pb2 as pb
 from kvtier.v1 import daemon_pb2_grpc as pb_grpc
@@ -277,7 +278,12 @@ class DaemonClient:
             for t in reply.tiers
         )
         chain = ChainStats(tiers, reply.pending_demotions, reply.active_leases, reply.pinned_blocks)
-        return DaemonStats(chain, reply.active_reservations, reply.uptime_s, reply.node, reply.version)
+        publish = None
+        if reply.HasField("publish"):
+            p = reply.publish
+            publish = PublisherStatus(p.target, p.publishing, p.session, p.seq, p.pending_events, p.last_published_age_s,
+                                      p.resyncs, p.last_error)
+        return DaemonStats(chain, reply.active_reservations, reply.uptime_s, reply.node, reply.version, publish)
 
     # ---- data plane --------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from enum import Enum
 from typing import NamedTuple
 
 from kvtier.chain.stats import ChainStats
+from kvtier.events.model import PublisherStatus
 
 
 class ReserveStatus(Enum):
@@ -63,6 +64,7 @@ class DaemonStats:
     uptime_s: float
     node: str
     version: str
+    publish: PublisherStatus | None = None  # None: the daemon runs no index publisher
 
 
 class PendingCommit:

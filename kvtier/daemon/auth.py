@@ -9,11 +9,11 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
+from pydantic import SecretStr
 
-from kvtier.config import DaemonConfig
 from kvtier.errors import ConfigError
 
 _UNAUTHENTICATED_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
@@ -49,7 +49,20 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         return continuation(handler_call_details)
 
 
-def resolve_token(config: DaemonConfig) -> str | None:
+class TokenSettings(Protocol):
+    auth_token: SecretStr | None
+    auth_token_file: Path | None
+
+
+class ListenerSecurity(TokenSettings, Protocol):
+    """The settings of a TCP listener's security (``daemon``, ``index``), read by the helpers below."""
+
+    tls_cert_file: Path | None
+    tls_key_file: Path | None
+    tls_client_ca_file: Path | None
+
+
+def resolve_token(config: TokenSettings, section: str = "daemon") -> str | None:
     """The configured token, from the setting or its file (whitespace stripped)."""
     if config.auth_token is not None:
         token = config.auth_token.get_secret_value()
@@ -57,22 +70,22 @@ def resolve_token(config: DaemonConfig) -> str | None:
         try:
             token = Path(config.auth_token_file).read_text().strip()
         except OSError as exc:
-            raise ConfigError(f"cannot read daemon.auth_token_file {config.auth_token_file}: {exc.strerror}") from exc
+            raise ConfigError(f"cannot read {section}.auth_token_file {config.auth_token_file}: {exc.strerror}") from exc
     else:
         return None
     if len(token) < 16:
-        raise ConfigError("the daemon auth token must be at least 16 characters long")
+        raise ConfigError(f"the {section} auth token must be at least 16 characters long")
     return token
 
 
-def server_credentials(config: DaemonConfig) -> grpc.ServerCredentials | None:
+def server_credentials(config: ListenerSecurity, section: str = "daemon") -> grpc.ServerCredentials | None:
     """TLS credentials for the TCP listener, or None for plaintext (then a token is required)."""
     if config.tls_cert_file is None and config.tls_key_file is None:
         if config.tls_client_ca_file is not None:
-            raise ConfigError("daemon.tls_client_ca_file needs daemon.tls_cert_file and daemon.tls_key_file")
+            raise ConfigError(f"{section}.tls_client_ca_file needs {section}.tls_cert_file and {section}.tls_key_file")
         return None
     if config.tls_cert_file is None or config.tls_key_file is None:
-        raise ConfigError("set both daemon.tls_cert_file and daemon.tls_key_file for TLS")
+        raise ConfigError(f"set both {section}.tls_cert_file and {section}.tls_key_file for TLS")
     try:
         cert = Path(config.tls_cert_file).read_bytes()
         key = Path(config.tls_key_file).read_bytes()

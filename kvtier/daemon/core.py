@@ -95,6 +95,7 @@ class DaemonCore:
         self._leases: dict[int, _LeaseOwner] = {}
         self.started_at = time.time()
         self.instance = uuid.uuid4().hex  # new on every start: clients re-map the arena when it changes
+        self.on_new_layout: Callable[[KVLayout], None] | None = None  # the index publisher listens
 
     # ---- layouts -----------------------------------------------------------------------------
 
@@ -109,10 +110,17 @@ class DaemonCore:
                 "same descriptor: client and daemon run different kvtier versions; upgrade one of them"
             )
         with self._lock:
+            new = layout.layout_id not in self._layouts
             self._layouts.setdefault(layout.layout_id, layout)
             if prefill_tokens_per_s > 0:
                 self._prefill_rates[layout.layout_id] = prefill_tokens_per_s
+        if new and self.on_new_layout is not None:
+            self.on_new_layout(layout)
         return layout
+
+    def layouts(self) -> list[KVLayout]:
+        with self._lock:
+            return list(self._layouts.values())
 
     def prefill_rate(self, layout_id: str) -> float:
         """The latest prefill rate (tokens/s) a client reported for ``layout_id``; 0 if none."""

@@ -35,6 +35,11 @@ from kvtier.daemon.fast_server import FastPathServer
 from kvtier.daemon.metrics import serve_metrics, stop_metrics
 from kvtier.daemon.servicer import DaemonServicer
 from kvtier.errors import ConfigError
+from kvtier.events.publisher import IndexPublisher, served_layouts
+from kvtier.events.sinks import open_sink, s3_location_of
+from kvtier.index.memory import MemoryIndex
+from kvtier.index.server import IndexSweeper
+from kvtier.index.service import add_index_service
 from kvtier.v1 import daemon_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -80,6 +85,9 @@ class DaemonServer:
         self._fast_server: FastPathServer | None = None
         self.tcp_port: int | None = None
         self.core: DaemonCore | None = None
+        self.publisher: IndexPublisher | None = None
+        self.local_index: MemoryIndex | None = None  # the daemon's own index, when it publishes to no other
+        self._sweeper: IndexSweeper | None = None
 
     # ---- start -------------------------------------------------------------------------------
 
@@ -113,6 +121,11 @@ class DaemonServer:
         chain = build_chain(self.config, host=self._host_settings())
         self.core = DaemonCore(chain, daemon_config)
         servicer = DaemonServicer(self.core, daemon_config.node, str(self.fast_socket_path or ""))
+        try:
+            sink, target, self.local_index = open_sink(self.config)
+        except BaseException:
+            chain.close(flush_timeout=0)
+            raise
         self._health = health.HealthServicer()
         options = [
             ("grpc.max_receive_message_length", daemon_config.max_message_bytes),
@@ -145,6 +158,13 @@ class DaemonServer:
             self._shutdown_servers(0)
             chain.close(flush_timeout=0)
             raise
+        self.publisher = IndexPublisher(chain, sink, self.config.publish, node=daemon_config.node,
+                                        layouts=served_layouts(self.core.layouts), target=target,
+                                        address=daemon_config.tcp_address or "", s3_location=s3_location_of(self.config))
+        self.core.on_new_layout = lambda layout: self.publisher.request_resync()
+        servicer.publisher = self.publisher
+        if self.local_index is not None:
+            self._sweeper = IndexSweeper(self.local_index)
         self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._reaper = threading.Thread(target=self._reap_loop, name="kvtier-reaper", daemon=True)
@@ -161,6 +181,8 @@ class DaemonServer:
             interceptors=interceptors,
         )
         pb_grpc.add_KVTierDaemonServicer_to_server(servicer, server)
+        if self.local_index is not None:
+            add_index_service(self.local_index, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         self._servers.append(server)
         return server
@@ -194,6 +216,10 @@ class DaemonServer:
         self._shutdown_servers(daemon_config.grace_period_s)
         if self._metrics_server is not None:
             stop_metrics(self._metrics_server)
+        if self.publisher is not None:
+            self.publisher.close()
+        if self._sweeper is not None:
+            self._sweeper.close()
         if self.core is not None:
             pending = self.core.chain.stats().pending_demotions
             if pending:

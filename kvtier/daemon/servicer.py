@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from typing import TYPE_CHECKING
 import grpc
 
 from kvtier import __version__
@@ -23,6 +24,9 @@ from kvtier.daemon.wire import layout_from_proto
 from kvtier.errors import KVTierError
 from kvtier.v1 import daemon_pb2 as pb
 from kvtier.v1 import daemon_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from kvtier.events.publisher import IndexPublisher
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,7 @@ class DaemonServicer(pb_grpc.KVTierDaemonServicer):
         self.core = core
         self.node = node
         self.fast_socket_path = fast_socket_path  # advertised to clients; empty when disabled
+        self.publisher: IndexPublisher | None = None  # set by the server when it publishes to an index
 
     @_rpc
     def RegisterLayout(self, request: pb.RegisterLayoutRequest, context: grpc.ServicerContext) -> pb.RegisterLayoutResponse:
@@ -163,7 +168,17 @@ class DaemonServicer(pb_grpc.KVTierDaemonServicer):
             uptime_s=time.time() - self.core.started_at,
             node=self.node,
             version=__version__,
+            publish=self._publish_status(),
         )
+
+    def _publish_status(self) -> pb.PublishStatus | None:
+        publisher = self.publisher
+        if publisher is None:
+            return None
+        s = publisher.status()
+        return pb.PublishStatus(target=s.target, publishing=s.publishing, session=s.session, seq=s.seq,
+                                pending_events=s.pending_events, last_published_age_s=s.last_published_age_s,
+                                resyncs=s.resyncs, last_error=s.last_error)
 
 
 def _slots_to_proto(slots) -> list[pb.Slot]:

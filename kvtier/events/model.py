@@ -51,6 +51,11 @@ class IndexTier(IntEnum):
 
 
 SHARED_TIERS = frozenset({IndexTier.S3})
+ENGINE_SOURCE_PREFIX = "vllm:"  # sources fed by an engine's own KV events, not by the node's daemon
+
+
+def is_engine_source(source: str) -> bool:
+    return source.startswith(ENGINE_SOURCE_PREFIX)
 
 
 class Op(IntEnum):
@@ -142,3 +147,17 @@ class NodeInfo:
     layouts: list[ServedLayout] = field(default_factory=list)
     tier_blocks: dict[str, int] = field(default_factory=dict)  # blocks per tier, as the daemon counts them
     pending_events: int = 0  # block events queued, not yet published (how far behind it is)
+
+
+@dataclass(slots=True)
+class PublisherStatus:
+    """What ``kvtier stats`` shows: is the node publishing, and how far behind is it."""
+
+    target: str
+    publishing: bool  # the last call to the sink succeeded
+    session: str
+    seq: int
+    pending_events: int  # block changes queued, not yet accepted by the index
+    last_published_age_s: float  # since the index last accepted a batch or heartbeat (-1: never)
+    resyncs: int
+    last_error: str

@@ -24,7 +24,7 @@ from enum import Enum
 
 from kvtier.blocks.hashing import HashExtras, hash_prompt
 from kvtier.errors import InvalidRequestError
-from kvtier.events.model import IndexTier, NodeInfo, PublishBatch, Space, index_keys
+from kvtier.events.model import BlockEvent, IndexTier, NodeInfo, PublishBatch, Space, index_keys
 
 DEFAULT_TIER_WEIGHTS: dict[IndexTier, float] = {
     # The share of recomputing a block that holding it saves, from benchmarks/ttft.py on this
@@ -86,6 +86,14 @@ class KVIndex(ABC):
 
     @abstractmethod
     def heartbeat(self, info: NodeInfo) -> ApplyStatus: ...
+
+    @abstractmethod
+    def apply_engine_events(self, node: str, events: list[BlockEvent]) -> None:
+        """Events translated from an engine's own KV-event stream (sources ``vllm:...``).
+
+        They carry no session: the subscriber keeps their order and clears its source after a
+        gap it cannot replay. A reset of the node's daemon never drops them; expiry of the node does.
+        """
 
     @abstractmethod
     def score_keys(self, space: Space, keys: Sequence[int], candidates: Sequence[str] | None = None) -> list[NodeScore]:

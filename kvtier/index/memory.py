@@ -22,7 +22,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kvtier.errors import InvalidRequestError
-from kvtier.events.model import SHARED_TIERS, BlockEvent, IndexTier, NodeInfo, Op, PublishBatch, Space
+from kvtier.events.model import (
+    ENGINE_SOURCE_PREFIX,
+    SHARED_TIERS,
+    BlockEvent,
+    IndexTier,
+    NodeInfo,
+    Op,
+    PublishBatch,
+    Space,
+    is_engine_source,
+)
 from kvtier.index.base import DEFAULT_TIER_WEIGHTS, ApplyStatus, Holding, KVIndex, NodeScore, NodeStatus, TierRun
 
 _TIERS = tuple(IndexTier)
@@ -88,7 +98,7 @@ class MemoryIndex(KVIndex):
                 if node is None or node.info.session != batch.session or batch.seq != node.info.seq + 1:
                     return ApplyStatus.RESYNC
             if batch.reset:
-                self._drop_holder(batch.node)
+                self._drop_sources(batch.node, keep=is_engine_source)
             if node is None:
                 node = self._nodes[batch.node] = _Node(NodeInfo(batch.node, batch.session, batch.seq), self._clock())
             node.info.session, node.info.seq = batch.session, batch.seq
@@ -97,6 +107,13 @@ class MemoryIndex(KVIndex):
                 self._apply(batch.node, event)
             self._alive_cache = None
             return ApplyStatus.OK
+
+    def apply_engine_events(self, node: str, events: list[BlockEvent]) -> None:
+        with self._lock:
+            for event in events:
+                if not is_engine_source(event.source):
+                    raise InvalidRequestError(f"engine events come from sources named {ENGINE_SOURCE_PREFIX}..., got {event.source!r}")
+                self._apply(node, event)
 
     def heartbeat(self, info: NodeInfo) -> ApplyStatus:
         with self._lock:
@@ -190,13 +207,21 @@ class MemoryIndex(KVIndex):
         }
         self._width = width
 
+    def _drop_sources(self, name: str, keep: Callable[[str], bool]) -> None:
+        """Forget what ``name`` holds through every source but those ``keep`` names."""
+        holder = self._holders.get(name)
+        for source_key, held in list(holder.sources.items()) if holder else ():
+            space, source, tier = source_key
+            if not keep(source):
+                self._remove(space, held, list(held), tier * self._width + holder.slot)
+                del holder.sources[source_key]
+
     def _drop_holder(self, name: str) -> None:
         """Forget everything ``name`` holds and free its slot."""
+        self._drop_sources(name, keep=lambda source: False)
         holder = self._holders.pop(name, None)
         if holder is None:
             return
-        for (space, _, tier), held in holder.sources.items():
-            self._remove(space, held, list(held), tier * self._width + holder.slot)
         self._slot_names[holder.slot] = None
         self._free_slots.append(holder.slot)
 

@@ -300,7 +300,7 @@ class TierStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., evictions: _Optional[int] = ..., dropped: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., corrupt: _Optional[int] = ..., errors: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("tiers", "pending_demotions", "active_leases", "pinned_blocks", "active_reservations", "uptime_s", "node", "version")
+    __slots__ = ("tiers", "pending_demotions", "active_leases", "pinned_blocks", "active_reservations", "uptime_s", "node", "version", "publish")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     PENDING_DEMOTIONS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_LEASES_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +309,7 @@ class StatsResponse(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    PUBLISH_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     pending_demotions: int
     active_leases: int
@@ -317,4 +318,25 @@ class StatsResponse(_message.Message):
     uptime_s: float
     node: str
     version: str
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., pending_demotions: _Optional[int] = ..., active_leases: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., active_reservations: _Optional[int] = ..., uptime_s: _Optional[float] = ..., node: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    publish: PublishStatus
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., pending_demotions: _Optional[int] = ..., active_leases: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., active_reservations: _Optional[int] = ..., uptime_s: _Optional[float] = ..., node: _Optional[str] = ..., version: _Optional[str] = ..., publish: _Optional[_Union[PublishStatus, _Mapping]] = ...) -> None: ...
+
+class PublishStatus(_message.Message):
+    __slots__ = ("target", "publishing", "session", "seq", "pending_events", "last_published_age_s", "resyncs", "last_error")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHING_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    PENDING_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_PUBLISHED_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    RESYNCS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    publishing: bool
+    session: str
+    seq: int
+    pending_events: int
+    last_published_age_s: float
+    resyncs: int
+    last_error: str
+    def __init__(self, target: _Optional[str] = ..., publishing: _Optional[bool] = ..., session: _Optional[str] = ..., seq: _Optional[int] = ..., pending_events: _Optional[int] = ..., last_published_age_s: _Optional[float] = ..., resyncs: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...

@@ -207,3 +207,18 @@ def test_many_nodes_agree_with_a_simple_model(index_factory: IndexFactory) -> No
             for block in range(run.start, run.start + run.blocks):
                 best = min(t for t in IndexTier if prompt[block] in model.get((name, t), ()))
                 assert best is run.tier
+
+
+def test_engine_events_survive_the_daemons_reset_and_leave_with_the_node(index_factory: IndexFactory) -> None:
+    index, settle = index_factory()
+    prompt = keys(6)
+    a = Node(index, "a")
+    a.start(stored(IndexTier.HOST, prompt))
+    index.apply_engine_events("a", [stored(IndexTier.GPU, prompt[:4], "vllm:tcp://127.0.0.1:5557")])
+    a.start()  # the daemon restarted: its own tiers are gone, the engine's GPU blocks are not
+    settle()
+    [score] = index.score_keys(SPACE, prompt)
+    assert score.runs == [TierRun(IndexTier.GPU, 0, 4)]
+    index.apply_engine_events("a", [removed(IndexTier.GPU, prompt[2:4], "vllm:tcp://127.0.0.1:5557")])
+    settle()
+    assert index.score_keys(SPACE, prompt)[0].blocks == 2

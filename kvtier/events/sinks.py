@@ -1,0 +1,55 @@
+"""Where a daemon publishes: its own in-memory index, ``kvtier index serve``, or Redis directly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvtier.config import KVTierConfig
+from kvtier.daemon.auth import resolve_token
+from kvtier.errors import ConfigError
+from kvtier.events.publisher import PublishSink
+from kvtier.index.factory import REDIS_SCHEMES
+from kvtier.index.memory import MemoryIndex
+
+LOCAL_TARGET = "local"
+
+
+def s3_location_of(config: KVTierConfig) -> str:
+    """The shared S3 tier's location, ``s3://bucket/prefix``, or "" without one."""
+    if not config.s3.enabled:
+        return ""
+    return f"s3://{config.s3.bucket}/{config.s3.prefix.strip('/')}"
+
+
+def redacted(url: str) -> str:
+    """A store URL without its credentials, for logs and status."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url
+
+
+def open_sink(config: KVTierConfig) -> tuple[PublishSink, str, MemoryIndex | None]:
+    """The sink ``publish.index`` names, a label for it, and the local index when it is one."""
+    publish = config.publish
+    target = (publish.index or "").strip()
+    if not target:
+        local = MemoryIndex(heartbeat_ttl_s=max(config.index.heartbeat_ttl_s, 5 * publish.heartbeat_s))
+        return local, LOCAL_TARGET, local
+    if target.startswith(REDIS_SCHEMES):
+        from kvtier.index.redis import RedisStore
+
+        store = RedisStore.from_url(target, password_file=publish.redis_password_file, tls_ca_file=publish.tls_ca_file,
+                                    namespace=publish.namespace)
+        return store, redacted(target), None
+    from kvtier.index.client import IndexClient
+
+    token = resolve_token(publish, "publish")
+    ca = None
+    if publish.tls_ca_file is not None:
+        try:
+            ca = Path(publish.tls_ca_file).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read publish.tls_ca_file {publish.tls_ca_file}: {exc.strerror}") from exc
+    if token is None and ca is None and not target.startswith("unix:"):
+        raise ConfigError(f"publish.index {target!r} is a TCP index: set KVTIER_PUBLISH_AUTH_TOKEN (or publish.auth_token_file), "
+                          "the token `kvtier index serve` was started with")
+    return IndexClient(target, token=token, tls_root_certificates=ca), target, None
