@@ -1,0 +1,146 @@
+"""The index as users run it: `kvtier serve` daemons publishing, `kvtier index serve`, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvtier.blocks.hashing import hash_prompt
+from kvtier.blocks.layout import KVLayout
+from kvtier.errors import AuthenticationError, InvalidRequestError
+from kvtier.events.model import IndexTier
+from kvtier.index.client import IndexClient
+from kvtier.index.service import tier_to_proto
+from kvtier.testing.daemon import LocalDaemon, free_port, wait_until
+from kvtier.v1 import index_pb2 as pb
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "index-token-0123456789"
+LAYOUT = KVLayout(model="test/tiny", dtype="float16", num_layers=2, num_kv_heads=2, head_size=64, block_size=16)  # 8 KiB blocks
+PROMPT = list(range(1000, 1000 + 16 * 12))
+
+
+def kvtier_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvtier", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+def fill(daemon: LocalDaemon, blocks: int) -> None:
+    with daemon.client() as client:
+        layout_id = client.register_layout(LAYOUT).layout_id
+        client.write_blocks(layout_id, {h: bytes(LAYOUT.block_nbytes) for h in hash_prompt(PROMPT, 16)[:blocks]})
+
+
+@pytest.fixture
+def index_service(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    log = open(tmp_path / "index.log", "wb")
+    process = subprocess.Popen([sys.executable, "-m", "kvtier", "index", "serve", "--address", f"127.0.0.1:{port}", "--ttl", "2"],
+                               env={**os.environ, "KVTIER_INDEX_AUTH_TOKEN": TOKEN}, stdout=log, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    with IndexClient(address, token=TOKEN, timeout_s=1) as client:
+        assert wait_until(lambda: _answers(client), timeout=30), (tmp_path / "index.log").read_text()
+    yield address
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+def _answers(client: IndexClient) -> bool:
+    try:
+        client.nodes()
+        return True
+    except Exception:
+        return False
+
+
+def test_a_daemon_alone_answers_for_its_own_tiers(tmp_path: Path) -> None:
+    daemon = LocalDaemon(tmp_path / "d", host_capacity="32MiB", args=["--node-name", "node-a"])
+    daemon.start()
+    try:
+        fill(daemon, 10)
+        tokens_file = tmp_path / "tokens.json"
+        tokens_file.write_text(json.dumps(PROMPT))
+        socket = f"unix:{daemon.socket_path}"
+
+        def scored() -> dict:
+            result = kvtier_cli("index", "score", "--index", socket, "--model", "test/tiny", "--tokens-file", str(tokens_file), "--json")
+            assert result.returncode == 0, result.stderr
+            return json.loads(result.stdout)
+
+        assert wait_until(lambda: scored()["scores"] and scored()["scores"][0]["blocks"] == 10, timeout=20)
+        [score] = scored()["scores"]
+        assert score["node"] == "node-a" and score["tokens"] == 160
+        assert score["runs"] == [{"tier": "host", "start_block": 0, "blocks": 10}]
+        table = kvtier_cli("index", "score", "--index", socket, "--model", "test/tiny", "--tokens-file", str(tokens_file))
+        assert "node-a" in table.stdout and "host 10" in table.stdout
+        nodes = json.loads(kvtier_cli("index", "nodes", "--index", socket, "--json").stdout)
+        assert nodes[0]["node"] == "node-a" and nodes[0]["layouts"][0]["model"] == "test/tiny"
+        stats = json.loads(kvtier_cli("stats", "--socket", str(daemon.socket_path), "--json").stdout)
+        assert stats["publish"]["target"] == "local" and stats["publish"]["publishing"]
+        assert "publishing" in kvtier_cli("stats", "--socket", str(daemon.socket_path)).stdout
+    finally:
+        daemon.stop()
+
+
+def test_daemons_publish_to_the_index_service_and_a_dead_one_leaves(tmp_path: Path, index_service: str) -> None:
+    env = {"KVTIER_PUBLISH_AUTH_TOKEN": TOKEN, "KVTIER_PUBLISH_HEARTBEAT_S": "0.3"}
+    a = LocalDaemon(tmp_path / "a", host_capacity="32MiB", args=["--node-name", "a", "--index", index_service], env=env)
+    b = LocalDaemon(tmp_path / "b", host_capacity="32MiB", args=["--node-name", "b", "--index", index_service], env=env)
+    a.start()
+    b.start()
+    try:
+        fill(a, 12)
+        fill(b, 4)
+        with IndexClient(index_service, token=TOKEN) as client:
+            assert wait_until(lambda: [(s.node, s.blocks) for s in client.score("test/tiny", token_ids=PROMPT)] == [("a", 12), ("b", 4)],
+                              timeout=20)
+            by_hash = client.score("test/tiny", block_hashes=hash_prompt(PROMPT, 16))
+            assert [s.node for s in by_hash] == ["a", "b"] and by_hash[0].runs[0].tier is IndexTier.HOST
+            assert {n.info.node for n in client.nodes() if n.alive} == {"a", "b"}
+            holders = client.lookup("test/tiny", hash_prompt(PROMPT, 16)[:1])
+            assert {h.node for h in holders[0]} == {"a", "b"}
+            b.stop(signal.SIGKILL)
+            started = time.monotonic()
+            assert wait_until(lambda: [s.node for s in client.score("test/tiny", token_ids=PROMPT)] == ["a"], timeout=10)
+            assert time.monotonic() - started < 2 + 1.5  # the TTL (2 s) plus a sweep
+    finally:
+        a.stop()
+        if b.process and b.process.poll() is None:
+            b.stop()
+
+
+def test_the_index_refuses_bad_credentials_and_bad_queries(index_service: str) -> None:
+    with IndexClient(index_service) as anonymous, pytest.raises(AuthenticationError):
+        anonymous.nodes()
+    with IndexClient(index_service, token="wrong-token-0123456789") as wrong, pytest.raises(AuthenticationError):
+        wrong.nodes()
+    with IndexClient(index_service, token=TOKEN) as client:
+        with pytest.raises(InvalidRequestError, match="block size"):
+            client.score("nobody/serves-this", token_ids=PROMPT)
+        with pytest.raises(InvalidRequestError, match="not both"):
+            client.score("m", token_ids=[1] * 16, block_hashes=[b"\0" * 16], block_size=16)
+        with pytest.raises(InvalidRequestError, match="16 bytes"):
+            client.score("m", block_hashes=[b"short"], block_size=16)
+        with pytest.raises(InvalidRequestError, match="msgpack"):
+            client._call("Publish", pb.PublishRequest(batch=b"\xc1 not msgpack"))
+        with pytest.raises(InvalidRequestError):
+            client._call("Heartbeat", pb.HeartbeatRequest(heartbeat=b"\x93\x01\x02\x03"))
+        assert client.nodes() == []  # still serving, nothing applied
+    assert tier_to_proto(IndexTier.GPU) == pb.TIER_GPU
+
+
+def test_an_index_on_tcp_without_credentials_does_not_start(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_INDEX_")}
+    result = subprocess.run([sys.executable, "-m", "kvtier", "index", "serve", "--address", f"127.0.0.1:{free_port()}"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2 and "authenticate" in result.stderr
