@@ -25,6 +25,8 @@ ROOT_PARENT = bytes(BLOCK_HASH_BYTES)
 _MAGIC = b"KVTB\x01"  # "KVTB" + spec version 1
 _MAX_TOKEN_ID = 2**32 - 1
 
+_C_HASH_MIN_BLOCKS = 32  # below this the Python loop costs less than the call into C
+
 TAG_LORA = 1
 TAG_CACHE_SALT = 2
 TAG_MULTIMODAL = 3
@@ -114,12 +116,25 @@ def hash_prompt(
             parent = hash_block(parent, token_ids[start:end], _extra_fields(extras, index, start, end))
             hashes.append(parent)
         return hashes
-    return _hash_text_blocks(token_ids, block_size, blocks, extras, parent)
+    joined = _hash_text_blocks(token_ids, block_size, blocks, extras, parent)
+    return [joined[i:i + BLOCK_HASH_BYTES] for i in range(0, len(joined), BLOCK_HASH_BYTES)]
 
 
-def _hash_text_blocks(token_ids: Sequence[int], block_size: int, blocks: int, extras: HashExtras, parent: bytes) -> list[bytes]:
-    """:func:`hash_prompt` without multimodal items: the same bytes, one SHA-256 call per block
-    over a message joined from pre-encoded parts (routers hash thousands of blocks per query)."""
+def hash_prompt_joined(token_ids: Sequence[int], block_size: int, extras: HashExtras = NO_EXTRAS) -> bytes:
+    """:func:`hash_prompt`'s hashes concatenated (16 bytes each): what the index turns into keys
+    without building one object per block."""
+    if block_size <= 0:
+        raise InvalidRequestError(f"block_size must be positive, got {block_size}")
+    blocks = len(token_ids) // block_size
+    if extras.multimodal or not blocks:
+        return b"".join(hash_prompt(token_ids, block_size, extras))
+    return _hash_text_blocks(token_ids, block_size, blocks, extras, ROOT_PARENT)
+
+
+def _hash_text_blocks(token_ids: Sequence[int], block_size: int, blocks: int, extras: HashExtras, parent: bytes) -> bytes:
+    """The hashes of a prompt without multimodal items, concatenated: the same bytes, one SHA-256
+    call per block over a message joined from pre-encoded parts, or all of them in C
+    (:mod:`kvtier.blocks.fasthash`) for long prompts (routers hash thousands of blocks per query)."""
     if len(parent) != BLOCK_HASH_BYTES:
         raise InvalidRequestError(f"parent hash must be {BLOCK_HASH_BYTES} bytes, got {len(parent)}")
     try:
@@ -127,13 +142,19 @@ def _hash_text_blocks(token_ids: Sequence[int], block_size: int, blocks: int, ex
     except (OverflowError, TypeError) as exc:
         raise InvalidRequestError(f"token ids must be integers in 0..{_MAX_TOKEN_ID}; got one outside that range ({exc})") from exc
     if encoded.itemsize != 4:  # pragma: no cover - every platform kvtier runs on has 4-byte unsigned ints
-        return hash_prompt(list(token_ids), block_size, HashExtras(extras.lora_name, extras.cache_salt, ()), parent)
+        return b"".join(hash_prompt(list(token_ids), block_size, HashExtras(extras.lora_name, extras.cache_salt, ()), parent))
     if sys.byteorder != "little":  # pragma: no cover
         encoded.byteswap()
     data = encoded.tobytes()
     size = struct.pack("<I", block_size)
     later = _fields_tail(_extra_fields(HashExtras(extras.lora_name), 1, 0, 0))
     first = _fields_tail(_extra_fields(extras, 0, 0, 0)) if extras.cache_salt is not None else later
+    if blocks >= _C_HASH_MIN_BLOCKS:
+        from kvtier.blocks import fasthash
+
+        hashed = fasthash.chain(data, blocks, block_size, parent, first, later)
+        if hashed is not None:
+            return hashed
     step = 4 * block_size
     sha256 = hashlib.sha256
     hashes = []
@@ -141,7 +162,7 @@ def _hash_text_blocks(token_ids: Sequence[int], block_size: int, blocks: int, ex
         tail = first if index == 0 else later
         parent = sha256(b"".join((_MAGIC, parent, size, data[index * step:(index + 1) * step], tail))).digest()[:BLOCK_HASH_BYTES]
         hashes.append(parent)
-    return hashes
+    return b"".join(hashes)
 
 
 def _fields_tail(fields: list[bytes]) -> bytes:

@@ -10,9 +10,8 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from typing import TYPE_CHECKING
 import grpc
 
 from kvtier import __version__

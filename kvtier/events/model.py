@@ -20,6 +20,7 @@ nothing), so replays and overlapping re-syncs never leave counts wrong.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -84,8 +85,17 @@ def index_key(block_hash: bytes) -> int:
     return int.from_bytes(block_hash[:INDEX_KEY_BYTES], "big")
 
 
+def index_keys_of_joined(joined: bytes) -> list[int]:
+    """Index keys of concatenated 16-byte hashes (:func:`~kvtier.blocks.hashing.hash_prompt_joined`)."""
+    if len(joined) % BLOCK_HASH_BYTES:
+        raise InvalidRequestError(f"joined block hashes must be a multiple of {BLOCK_HASH_BYTES} bytes, got {len(joined)}")
+    return list(struct.unpack(">" + "Q8x" * (len(joined) // BLOCK_HASH_BYTES), joined))
+
+
 def index_keys(block_hashes: list[bytes]) -> list[int]:
     """Index keys of many hashes (16 bytes, or already-shortened 8-byte ones)."""
+    if block_hashes and set(map(len, block_hashes)) == {BLOCK_HASH_BYTES}:
+        return index_keys_of_joined(b"".join(block_hashes))  # one C call
     keys = []
     for block_hash in block_hashes:
         if len(block_hash) not in (BLOCK_HASH_BYTES, INDEX_KEY_BYTES):

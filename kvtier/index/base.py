@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from kvtier.blocks.hashing import HashExtras, hash_prompt
+from kvtier.blocks.hashing import NO_EXTRAS, HashExtras, hash_prompt_joined
 from kvtier.errors import InvalidRequestError
-from kvtier.events.model import BlockEvent, IndexTier, NodeInfo, PublishBatch, Space, index_keys
+from kvtier.events.model import BlockEvent, IndexTier, NodeInfo, PublishBatch, Space, index_keys, index_keys_of_joined
 
 DEFAULT_TIER_WEIGHTS: dict[IndexTier, float] = {
     # The share of recomputing a block that holding it saves, from benchmarks/ttft.py on this
@@ -110,7 +110,7 @@ class KVIndex(ABC):
     def spaces(self) -> list[Space]:
         """The (model, block size) pairs the index holds blocks of or nodes serve."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Release threads and connections."""
 
     # ---- derived helpers -------------------------------------------------------------------
@@ -135,9 +135,9 @@ class KVIndex(ABC):
         token_ids: Sequence[int],
         *,
         block_size: int | None = None,
-        extras: HashExtras = HashExtras(),
+        extras: HashExtras = NO_EXTRAS,
         candidates: Sequence[str] | None = None,
     ) -> list[NodeScore]:
         """Hash ``token_ids`` with kvtier's spec (``docs/block-identity.md``) and score the blocks."""
         space = self.space_of(model, block_size)
-        return self.score_hashes(space, hash_prompt(token_ids, space.block_size, extras), candidates)
+        return self.score_keys(space, index_keys_of_joined(hash_prompt_joined(token_ids, space.block_size, extras)), candidates)

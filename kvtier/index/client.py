@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 
-from kvtier.blocks.hashing import HashExtras
+from kvtier.blocks.hashing import NO_EXTRAS, HashExtras
 from kvtier.errors import AuthenticationError, IndexServiceError, IndexUnavailableError, InvalidRequestError
 from kvtier.events.model import NodeInfo, PublishBatch, ServedLayout
 from kvtier.events.wire import encode_batch, encode_heartbeat
@@ -83,7 +83,7 @@ class IndexClient:
         token_ids: Sequence[int] = (),
         block_hashes: Sequence[bytes] = (),
         block_size: int = 0,
-        extras: HashExtras = HashExtras(),
+        extras: HashExtras = NO_EXTRAS,
         candidates: Sequence[str] = (),
     ) -> list[NodeScore]:
         """Each node's cached prefix of the prompt, best first (nodes holding none are left out)."""
@@ -122,7 +122,7 @@ class IndexClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> IndexClient:
+    def __enter__(self) -> IndexClient:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc_info: object) -> None:

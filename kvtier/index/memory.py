@@ -20,6 +20,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import ne
 
 from kvtier.errors import InvalidRequestError
 from kvtier.events.model import (
@@ -94,9 +96,9 @@ class MemoryIndex(KVIndex):
     def publish(self, batch: PublishBatch) -> ApplyStatus:
         with self._lock:
             node = self._nodes.get(batch.node)
-            if self._check_sessions and not batch.reset:
-                if node is None or node.info.session != batch.session or batch.seq != node.info.seq + 1:
-                    return ApplyStatus.RESYNC
+            in_order = node is not None and node.info.session == batch.session and batch.seq == node.info.seq + 1
+            if self._check_sessions and not batch.reset and not in_order:
+                return ApplyStatus.RESYNC
             if batch.reset:
                 self._drop_sources(batch.node, keep=is_engine_source)
             if node is None:
@@ -291,69 +293,73 @@ class MemoryIndex(KVIndex):
                         wanted |= 1 << holder.slot
                 alive &= wanted
             width, full = self._width, (1 << self._width) - 1
-            get = blocks.get
+            # C-level passes (a mask is never 0: a key nobody holds is deleted); the walk below
+            # visits only the blocks where the holders change, and the prefix ends at the first 0.
+            masks = list(map(blocks.get, keys, repeat(0, len(keys))))
+            try:
+                held_blocks = masks.index(0)
+            except ValueError:
+                held_blocks = len(masks)
+            points = list(compress(range(1, held_blocks), map(ne, masks[1:held_blocks], masks[: held_blocks - 1])))
             changes: list[tuple[int, tuple[int, int, int, int]]] = []  # (block, best-tier masks) where they change
             ends: dict[int, int] = {}  # slot -> prefix length, for slots that dropped out
-            previous_mask, tiers_now = -1, (0, 0, 0, 0)
-            held_now = 0
-            index = 0
-            for index, key in enumerate(keys):  # noqa: B007 - index is used after the loop
-                mask = get(key)
-                if mask is None:
-                    break
-                if mask != previous_mask:
-                    previous_mask = mask
-                    gpu, host, disk, shared = mask & full, (mask >> width) & full, (mask >> 2 * width) & full, mask >> 3 * width
-                    s3 = 0
-                    while shared:
-                        low = shared & -shared
-                        s3 |= readers.get(low.bit_length() - 1, 0)
-                        shared ^= low
-                    host &= ~gpu
-                    disk &= ~(gpu | host)
-                    s3 &= ~(gpu | host | disk)
+            tiers_now = (0, 0, 0, 0)
+            for index in [0, *points] if held_blocks else ():
+                mask = masks[index]
+                gpu, host, disk, shared = mask & full, (mask >> width) & full, (mask >> 2 * width) & full, mask >> 3 * width
+                s3 = _expand(shared, readers) if shared else 0
+                host &= ~gpu
+                disk &= ~(gpu | host)
+                s3 &= ~(gpu | host | disk)
+                if (gpu, host, disk, s3) != tiers_now:
                     tiers_now = (gpu, host, disk, s3)
-                    held_now = gpu | host | disk | s3
-                still = held_now & alive
-                if still != alive:
-                    gone = alive & ~still
-                    while gone:
-                        low = gone & -gone
-                        ends[low.bit_length() - 1] = index
-                        gone ^= low
-                    alive = still
-                    if not alive:
-                        break
-                if not changes or changes[-1][1] != tiers_now:
                     changes.append((index, tiers_now))
-            else:
-                index = len(keys)
-            while alive:  # held the whole prompt
+                held_now = gpu | host | disk | s3
+                gone = alive & ~held_now
+                alive &= held_now
+                while gone:
+                    low = gone & -gone
+                    ends[low.bit_length() - 1] = index
+                    gone ^= low
+                if not alive:
+                    break
+            while alive:  # held up to the first block nobody holds (or the whole prompt)
                 low = alive & -alive
-                ends[low.bit_length() - 1] = index
+                ends[low.bit_length() - 1] = held_blocks
                 alive ^= low
             return self._scores(space, ends, changes)
 
     def _scores(self, space: Space, ends: dict[int, int], changes: list[tuple[int, tuple[int, int, int, int]]]) -> list[NodeScore]:
-        scores = []
+        """Runs per node from the change points: at each point only the slots that entered a
+        tier get a new run, so the work is the number of tier transitions, not nodes x points."""
+        runs: dict[int, list[TierRun]] = {slot: [] for slot, length in ends.items() if length}
+        wanted = 0
+        for slot in runs:
+            wanted |= 1 << slot
+        open_runs: dict[int, tuple[IndexTier, int]] = {}  # slot -> (tier, start) of its current run
+        previous = (0, 0, 0, 0)
+        for start, tiers in changes:
+            for tier, old, new in zip(_TIERS, previous, tiers, strict=True):
+                entered = new & ~old & wanted
+                while entered:
+                    low = entered & -entered
+                    entered ^= low
+                    slot = low.bit_length() - 1
+                    if start >= ends[slot]:
+                        continue
+                    current = open_runs.get(slot)
+                    if current is not None:
+                        runs[slot].append(TierRun(current[0], current[1], start - current[1]))
+                    open_runs[slot] = (tier, start)
+            previous = tiers
         weights = [self.weights[tier] for tier in _TIERS]
-        for slot, length in ends.items():
-            if length == 0:
-                continue
-            bit = 1 << slot
-            runs: list[TierRun] = []
-            for position, (start, tiers) in enumerate(changes):
-                if start >= length:
-                    break
-                stop = min(changes[position + 1][0] if position + 1 < len(changes) else length, length)
-                tier = next(t for t, m in zip(_TIERS, tiers, strict=True) if m & bit)
-                if runs and runs[-1].tier is tier:
-                    runs[-1] = TierRun(tier, runs[-1].start, stop - runs[-1].start)
-                else:
-                    runs.append(TierRun(tier, start, stop - start))
-            score = sum(weights[run.tier] * run.blocks for run in runs)
-            name = self._slot_names[slot] or ""
-            scores.append(NodeScore(name, length, length * space.block_size, runs, round(score, 6)))
+        scores = []
+        for slot, slot_runs in runs.items():
+            length = ends[slot]
+            tier, begin = open_runs[slot]  # a slot with a prefix entered a tier at block 0
+            slot_runs.append(TierRun(tier, begin, length - begin))
+            score = sum(weights[run.tier] * run.blocks for run in slot_runs)
+            scores.append(NodeScore(self._slot_names[slot] or "", length, length * space.block_size, slot_runs, round(score, 6)))
         scores.sort(key=lambda s: (-s.score, -s.blocks, s.node))
         return scores
 

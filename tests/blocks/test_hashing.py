@@ -133,3 +133,22 @@ def test_prefix_hasher_matches_hash_prompt() -> None:
     for end in (3, 8, 20, 41, 100):
         hasher.update(tokens[:end])
     assert hasher.hashes == hash_prompt(tokens, 8, extras)
+
+
+def test_the_c_hasher_gives_the_same_bytes_as_the_spec() -> None:
+    """Long prompts go through csrc/kvtier_hash.c where it builds; its hashes equal block by block ones."""
+    import random
+
+    from kvtier.blocks import fasthash
+    from kvtier.blocks.hashing import ROOT_PARENT, HashExtras, _extra_fields, hash_block, hash_prompt
+
+    if not fasthash.available():
+        pytest.skip("no C compiler or OpenSSL headers here: the Python path serves")
+    rng = random.Random(3)
+    tokens = [rng.randrange(2**32) for _ in range(16 * 100 + 7)]
+    for extras in (HashExtras(), HashExtras(lora_name="adapter"), HashExtras(cache_salt="tenant"), HashExtras("a", "t")):
+        expected, parent = [], ROOT_PARENT
+        for i in range(100):
+            parent = hash_block(parent, tokens[i * 16:(i + 1) * 16], _extra_fields(extras, i, i * 16, (i + 1) * 16))
+            expected.append(parent)
+        assert hash_prompt(tokens, 16, extras) == expected

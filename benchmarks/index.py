@@ -1,0 +1,278 @@
+"""Score latency and event ingest of the global index, in memory and with Redis as the store.
+
+    python -m benchmarks.index [--quick] [--blocks 10000000] [--nodes 64] [--no-redis]
+
+The index is filled with ``--blocks`` distinct block keys (10 million; 1 million with
+``--quick``) spread over ``--nodes`` nodes and three tiers, each key held by one to three nodes,
+published as batches of 1,000 keys the way daemons send them. Then prompts of 128, 512 and
+2,048 blocks, each cached by 16 of the nodes as prefixes of different lengths split over GPU,
+host and disk, are scored:
+
+- ``score from hashes``: ``score_hashes`` on the prompt's 16-byte kvtier hashes (what a router
+  that hashes itself sends); ``score from token ids``: ``score_tokens``, kvtier's hashing included.
+  Targets for 2,048 blocks: p50 <= 1 ms and p99 <= 3 ms from hashes, p50 <= 2 ms from token ids.
+  ``baseline`` is the target (``ratio`` <= 1 meets it); each row also records ``bare_walk_ms``,
+  a bare dict lookup per block over the same keys in the same run, the floor of any Python walk.
+- ``gRPC Score``: the same query through ``kvtier index serve``'s servicer and the typed client
+  over loopback (informative: what a router sees, serialisation and the network stack included).
+- ``ingest``: block events per second into the index (target >= 200,000 per replica): applying
+  batches in memory; with Redis, publishing through the store (one Lua call per batch) and the
+  replica's view applying the store's log.
+- ``memory per indexed block``: the process's resident memory growth per distinct key and per
+  (node, tier, key) holding (informative).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import random
+import statistics
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from benchmarks.common import Row, command_line, make_parser, print_table, summarize_targets, write_results
+from kvtier.blocks.hashing import hash_prompt
+from kvtier.events.model import BlockEvent, IndexTier, NodeInfo, Op, PublishBatch, ServedLayout, Space, index_keys
+from kvtier.index.base import KVIndex
+from kvtier.index.memory import MemoryIndex
+
+SPACE = Space("bench/llama", 16)
+BATCH_KEYS = 1000
+PROMPT_BLOCKS = (128, 512, 2048)
+CACHING_NODES = 16
+TARGETS_MS = {("hashes", "p50"): 1.0, ("hashes", "p99"): 3.0, ("tokens", "p50"): 2.0}
+INGEST_TARGET = 200_000
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+class Publishers:
+    """One session per node, batches in order."""
+
+    def __init__(self, index: KVIndex, nodes: int) -> None:
+        self.index = index
+        self.names = [f"node-{i:03d}" for i in range(nodes)]
+        self.seq = dict.fromkeys(self.names, 0)
+        self.sessions = {name: uuid.uuid4().hex for name in self.names}
+        for name in self.names:
+            self.send(name, [], reset=True)
+            self.beat(name)
+
+    def send(self, name: str, events: list[BlockEvent], reset: bool = False) -> None:
+        self.seq[name] += 1
+        self.index.publish(PublishBatch(name, self.sessions[name], self.seq[name], reset, events))
+
+    def beat(self, name: str) -> None:
+        layout = ServedLayout("0123456789abcdef", SPACE.model, SPACE.block_size)
+        self.index.heartbeat(NodeInfo(name, self.sessions[name], self.seq[name], layouts=[layout]))
+
+    def beat_all(self) -> None:
+        for name in self.names:
+            self.beat(name)
+
+
+def fill(publishers: Publishers, blocks: int, rng: random.Random) -> tuple[int, float]:
+    """Publish ``blocks`` random keys, each to 1-3 nodes and a random tier; return (holdings, seconds)."""
+    tiers = (IndexTier.GPU, IndexTier.HOST, IndexTier.DISK)
+    names = publishers.names
+    holdings = 0
+    started = time.perf_counter()
+    for start in range(0, blocks, BATCH_KEYS):
+        keys = [rng.getrandbits(64) for _ in range(min(BATCH_KEYS, blocks - start))]
+        for name in rng.sample(names, rng.randint(1, 3)):
+            publishers.send(name, [BlockEvent(Op.STORED, rng.choice(tiers), SPACE, "0123456789abcdef", keys)])
+            holdings += len(keys)
+        if start % (200 * BATCH_KEYS) == 0:
+            publishers.beat_all()
+    return holdings, time.perf_counter() - started
+
+
+def cache_prompts(publishers: Publishers, rng: random.Random) -> dict[int, list[int]]:
+    """Prompts of each length, each cached by CACHING_NODES nodes as prefixes split over tiers."""
+    prompts = {}
+    for length in PROMPT_BLOCKS:
+        tokens = [rng.randrange(128_000) for _ in range(length * SPACE.block_size)]
+        keys = index_keys(hash_prompt(tokens, SPACE.block_size))
+        for name in rng.sample(publishers.names, CACHING_NODES):
+            held = rng.randint(length // 4, length)
+            gpu, host = sorted(rng.randint(0, held) for _ in range(2))
+            events = [BlockEvent(Op.STORED, tier, SPACE, "0123456789abcdef", keys[a:b])
+                      for tier, a, b in ((IndexTier.GPU, 0, gpu), (IndexTier.HOST, gpu, host), (IndexTier.DISK, host, held)) if b > a]
+            publishers.send(name, events)
+        prompts[length] = tokens
+    publishers.beat_all()
+    return prompts
+
+
+def percentiles(fn: Callable[[], object], runs: int) -> tuple[float, float]:
+    """(p50, p99) of ``fn`` in ms over ``runs`` calls (after a few warm-up calls)."""
+    for _ in range(5):
+        fn()
+    samples = []
+    gc.disable()
+    try:
+        for _ in range(runs):
+            started = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - started) * 1e3)
+    finally:
+        gc.enable()
+    samples.sort()
+    return statistics.median(samples), samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+
+
+def bare_walk_ms(keys: list[int], runs: int) -> float:
+    table = {key: 1 for key in keys}
+    get = table.get
+
+    def walk() -> None:
+        for key in keys:
+            if get(key) is None:
+                break
+
+    return percentiles(walk, runs)[0]
+
+
+def score_rows(index: KVIndex, prompts: dict[int, list[int]], store: str, runs: int) -> list[Row]:
+    rows = []
+    for length, tokens in prompts.items():
+        hashes = hash_prompt(tokens, SPACE.block_size)
+        scores = index.score_hashes(SPACE, hashes)
+        assert len(scores) >= CACHING_NODES // 2, f"{store}: only {len(scores)} nodes scored"
+        floor = bare_walk_ms(index_keys(hashes), runs)
+        for source, fn in (("hashes", lambda h=hashes: index.score_hashes(SPACE, h)),
+                           ("tokens", lambda t=tokens: index.score_tokens(SPACE.model, t, block_size=SPACE.block_size))):
+            p50, p99 = percentiles(fn, runs)
+            for stat, value in (("p50", p50), ("p99", p99)):
+                target = TARGETS_MS.get((source, stat)) if length == 2048 else None
+                rows.append(Row(
+                    f"score from {source}, {length} blocks, {store} | {stat}", f"score_{stat}_ms", value,
+                    target if target is not None else value, unit="ms", better="lower",
+                    target=1.0 if target is not None else None,
+                    bound=f"target {target} ms" if target is not None else "informative",
+                    extra={"prompt_blocks": length, "store": store, "bare_walk_ms": round(floor, 4),
+                           "nodes_scored": len(scores)},
+                ))
+    return rows
+
+
+@contextlib.contextmanager
+def index_service(index: KVIndex) -> Iterator[str]:
+    """The index behind ``kvtier index serve``'s servicer on a loopback port; yields its address."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from kvtier.daemon.auth import BearerTokenInterceptor
+    from kvtier.index.service import add_index_service
+
+    server = grpc.server(ThreadPoolExecutor(4), interceptors=(BearerTokenInterceptor("bench-token-0123456789"),))
+    add_index_service(index, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0).wait()
+
+
+def grpc_rows(index: KVIndex, prompts: dict[int, list[int]], runs: int) -> list[Row]:
+    from kvtier.index.client import IndexClient
+
+    rows = []
+    with index_service(index) as address, IndexClient(address, token="bench-token-0123456789") as client:
+        for length in (PROMPT_BLOCKS[0], PROMPT_BLOCKS[-1]):
+            hashes = hash_prompt(prompts[length], SPACE.block_size)
+            in_process = percentiles(lambda h=hashes: index.score_hashes(SPACE, h), runs)[0]
+            p50, p99 = percentiles(lambda h=hashes: client.score(SPACE.model, block_hashes=h, block_size=SPACE.block_size), runs)
+            rows.append(Row(f"gRPC Score from hashes, {length} blocks, memory | p50", "score_p50_ms", p50, in_process,
+                            unit="ms", better="lower", bound="the same score in process", extra={"p99_ms": round(p99, 4)}))
+    return rows
+
+
+def ingest_memory(blocks: int, nodes: int, rng: random.Random) -> tuple[MemoryIndex, Publishers, list[Row]]:
+    gc.collect()
+    before = rss_bytes()
+    index = MemoryIndex(heartbeat_ttl_s=3600)
+    publishers = Publishers(index, nodes)
+    holdings, seconds = fill(publishers, blocks, rng)
+    gc.collect()
+    grown = rss_bytes() - before
+    rate = holdings / seconds
+    rows = [
+        Row("ingest, memory", "block_events_per_s", rate, INGEST_TARGET, unit="/s", target=1.0,
+            bound=f"target {INGEST_TARGET:,} block events/s", extra={"holdings": holdings, "keys": index.indexed_keys()}),
+        Row("memory per indexed block, memory", "bytes_per_key", grown / index.indexed_keys(), grown / holdings, unit="B",
+            better="lower", bound="bytes per (node, tier, key) holding (baseline column)",
+            extra={"rss_growth_bytes": grown, "keys": index.indexed_keys(), "holdings": holdings}),
+    ]
+    return index, publishers, rows
+
+
+def redis_rows(blocks: int, nodes: int, prompts_seed: int, runs: int) -> list[Row]:
+    from kvtier.index.redis import RedisIndex
+
+    from tests.servers import redis_server
+
+    rows = []
+    with redis_server() as url:
+        writer = RedisIndex.from_url(url, namespace="bench", heartbeat_ttl_s=3600)
+        try:
+            rng = random.Random(prompts_seed)
+            publishers = Publishers(writer, nodes)
+            holdings, seconds = fill(publishers, blocks, rng)
+            rows.append(Row("ingest, Redis store (publish, one Lua call per batch)", "block_events_per_s", holdings / seconds,
+                            INGEST_TARGET, unit="/s", target=1.0, bound=f"target {INGEST_TARGET:,} block events/s",
+                            extra={"holdings": holdings}))
+            prompts = cache_prompts(publishers, rng)
+            started = time.perf_counter()
+            replica = RedisIndex.from_url(url, namespace="bench", heartbeat_ttl_s=3600)
+            try:
+                assert replica.wait_synced(600), "the replica did not catch up"
+                took = time.perf_counter() - started
+                rows.append(Row("ingest, Redis replica catching up (snapshot + log)", "block_events_per_s", holdings / took,
+                                INGEST_TARGET, unit="/s", target=1.0, bound=f"target {INGEST_TARGET:,} block events/s",
+                                extra={"holdings": holdings, "seconds": round(took, 2)}))
+                assert writer.wait_synced(600), "the writer's view did not catch up"
+                rows += score_rows(replica, prompts, "Redis replica", runs)
+            finally:
+                replica.close()
+        finally:
+            writer.close()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--blocks", type=int, default=None, help="distinct indexed block keys (default 10M, 1M with --quick)")
+    parser.add_argument("--nodes", type=int, default=64)
+    parser.add_argument("--no-redis", action="store_true", help="skip the Redis rows")
+    args = parser.parse_args(argv)
+    blocks = args.blocks or (1_000_000 if args.quick else 10_000_000)
+    runs = 200 if args.quick else 1000
+    print(f"# {command_line()}\n# {blocks:,} indexed blocks over {args.nodes} nodes, {runs} queries per case\n")
+    rng = random.Random(1)
+    index, publishers, rows = ingest_memory(blocks, args.nodes, rng)
+    prompts = cache_prompts(publishers, rng)
+    rows += score_rows(index, prompts, "memory", runs)
+    rows += grpc_rows(index, prompts, runs // 2)
+    del index, publishers
+    gc.collect()
+    if not args.no_redis:
+        rows += redis_rows(blocks, args.nodes, 1, runs)
+    print_table(rows)
+    summarize_targets(rows)
+    if not args.no_write:
+        path = write_results("index", rows)
+        print(f"wrote {Path(path).relative_to(Path.cwd()) if Path(path).is_relative_to(Path.cwd()) else path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""The block-hash chain in C, for routers and the index: thousands of blocks per query.
+
+``csrc/kvtier_hash.c`` is compiled on first use with the system C compiler against OpenSSL's
+libcrypto into ``~/.cache/kvtier/`` (named by the source's digest, so an edited source is
+rebuilt) and loaded with ctypes. Where there is no compiler or no libcrypto headers, or on a
+big-endian host, :func:`chain` returns None and callers use the Python implementation, which
+produces the same bytes (``tests/blocks/test_hashing.py`` checks both against the spec vectors).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from kvtier.config import default_cache_dir
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "kvtier_hash.c"
+_lock = threading.Lock()
+_function: ctypes._CFuncPtr | None = None
+_tried = False
+
+
+def _build() -> ctypes._CFuncPtr | None:
+    if sys.byteorder != "little" or not _SOURCE.exists():
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+    library = default_cache_dir() / f"libkvtier_hash-{digest}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+            built = Path(tmp) / library.name
+            command = [compiler, "-O2", "-shared", "-fPIC", "-Wno-deprecated-declarations", str(_SOURCE), "-o", str(built), "-lcrypto"]
+            result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+            if result.returncode != 0:
+                log.debug("the C block hasher did not build (%s); hashing in Python", result.stderr.strip()[:500])
+                return None
+            os.replace(built, library)
+    function = ctypes.CDLL(str(library)).kvtier_hash_chain
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint64,
+                         ctypes.c_char_p, ctypes.c_uint64, ctypes.c_void_p]
+    return function
+
+
+def available() -> bool:
+    """Whether the C hasher is (or could now be) loaded; builds it on the first call."""
+    global _function, _tried
+    if not _tried:
+        with _lock:
+            if not _tried:
+                try:
+                    _function = _build()
+                except (OSError, subprocess.SubprocessError) as exc:
+                    log.debug("the C block hasher is unavailable (%s); hashing in Python", exc)
+                    _function = None
+                _tried = True
+    return _function is not None
+
+
+def chain(tokens: bytes, blocks: int, block_size: int, parent: bytes, tail_first: bytes, tail_later: bytes) -> bytes | None:
+    """The hashes of ``blocks`` blocks of little-endian u32 ``tokens``, concatenated (16 bytes
+    each); None without the C hasher."""
+    if not available() or blocks == 0:
+        return None
+    out = ctypes.create_string_buffer(16 * blocks)
+    source = ctypes.c_char_p(tokens)
+    if _function(source, blocks, block_size, parent, tail_first, len(tail_first), tail_later, len(tail_later), out) != 0:
+        return None
+    return out.raw
