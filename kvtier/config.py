@@ -221,6 +221,13 @@ class PublishConfig(_Section):
     heartbeat_s: float = Field(default=2.0, gt=0)  # keep well under the index's heartbeat_ttl_s
     max_batch_keys: int = Field(default=65536, ge=1)  # block keys per batch (a re-sync sends several)
     max_pending_keys: int = Field(default=4_000_000, ge=1)  # beyond this, queued events are dropped for a re-sync
+    # Also publish the tiers as vLLM KV events (ZMQ PUB, e.g. "tcp://*:5560"), for routers built
+    # for vLLM's events such as llm-d's indexer; topic "kv@<node>@<model>" (docs/global-index.md).
+    vllm_events: str | None = None
+    vllm_events_replay: str | None = None  # ROUTER socket answering replay requests ("tcp://*:5561")
+    vllm_events_encoding: Literal["map", "array"] = "map"  # map: vLLM >= PR #42892 (0.32); array: older, positional
+    vllm_events_buffer: int = Field(default=10_000, ge=1)  # batches kept for replay
+    block_descriptions: int = Field(default=1_000_000, ge=1)  # token ids kept for the blocks clients described
 
 
 class KVTierConfig(_Section):

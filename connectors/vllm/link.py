@@ -62,6 +62,7 @@ class DaemonLink:
         self._watching: Future[None] | None = None  # for the daemon's return while backing off
         self.counters = {"timeouts": 0, "unreachable": 0, "refused": 0}
         self.prefill_hint = 0.0  # the prefill rate (tokens/s) the daemon last heard for our layouts
+        self.wants_block_descriptions = False  # the daemon publishes vLLM KV events: describe saved blocks
 
     @property
     def available(self) -> bool:
@@ -79,7 +80,9 @@ class DaemonLink:
             self._client = DaemonClient(path, timeout_s=self.settings.timeout_s, client_id=self.client_id)
         if not self._registered:
             for layout in self.layouts:
-                self.prefill_hint = max(self.prefill_hint, self._client.register_layout(layout).prefill_tokens_per_s)
+                registered = self._client.register_layout(layout)
+                self.prefill_hint = max(self.prefill_hint, registered.prefill_tokens_per_s)
+                self.wants_block_descriptions = registered.wants_block_descriptions
             self._client.lookup(self.layouts[0].layout_id, [])  # opens the fast path now, not on a request's lookup
             self._registered = True
         return self._client

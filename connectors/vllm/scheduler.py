@@ -124,6 +124,7 @@ class SchedulerSide:
         self.requests: dict[str, _RequestState] = {}
         self.pending_loads: list[LoadSpec] = []
         self.unannounced: dict[bytes, _PendingEvent] = {}
+        self._descriptions: list[tuple[bytes, bytes | None, list[int], str | None]] = []  # for the daemon's vLLM events
         self.events: list[Any] = []
         self.interval = StatsInterval()
         self.stats = self.interval.total
@@ -409,6 +410,8 @@ class SchedulerSide:
             state = self.requests.get(req_id)
             if state is not None:
                 state.block_ids = []
+        if self._descriptions:
+            self._send_descriptions()
         return meta
 
     def _plan_save(self, req_id: str, state: _RequestState, computed: int, meta: KVTierConnectorMetadata) -> None:
@@ -426,6 +429,24 @@ class SchedulerSide:
         meta.saves.append(SaveSpec(req_id, tuple(state.block_ids[i] for i in indexes), tuple(hashes[i] for i in indexes)))
         state.has_saves = True
         self._remember_for_events(request, indexes, hashes)
+        if self.link.wants_block_descriptions:
+            lora = getattr(getattr(request, "lora_request", None), "lora_name", None)
+            size = self.block_size
+            self._descriptions.extend(
+                (hashes[i], hashes[i - 1] if i else None, list(request.all_token_ids[i * size:(i + 1) * size]), lora) for i in indexes
+            )
+
+    def _send_descriptions(self) -> None:
+        """The token ids of this step's saves, to a daemon that publishes vLLM KV events (off the step)."""
+        described, self._descriptions = self._descriptions, []
+
+        def describe(client: DaemonClient) -> None:
+            client.describe_blocks(described)
+
+        try:
+            self._releaser.submit(self.link.call, describe)
+        except RuntimeError:
+            pass  # shutting down
 
     # ---- lifecycle and events ----------------------------------------------------------------
 

@@ -136,7 +136,16 @@ class DaemonClient:
         self._daemon_instance = reply.daemon_instance
         self._arena_path = reply.arena_path
         return RegisteredLayout(reply.layout_id, reply.block_nbytes, reply.arena_path, reply.arena_nbytes, reply.daemon_instance,
-                                reply.prefill_tokens_per_s)
+                                reply.prefill_tokens_per_s, reply.wants_block_descriptions)
+
+    def describe_blocks(self, blocks: Sequence[tuple[bytes, bytes | None, Sequence[int], str | None]]) -> None:
+        """Tell the daemon the token ids of blocks it stores, ``(hash, parent hash, tokens, LoRA
+        name)`` each, for its vLLM KV events (only when it asked: ``wants_block_descriptions``)."""
+        request = pb.DescribeBlocksRequest(blocks=[
+            pb.BlockDescription(block_hash=h, parent_hash=parent or b"", token_ids=tokens, lora_name=lora or "")
+            for h, parent, tokens, lora in blocks
+        ])
+        self._call("DescribeBlocks", request)
 
     @property
     def daemon_instance(self) -> str | None:

@@ -25,6 +25,7 @@ class RegisteredLayout:
     arena_nbytes: int
     daemon_instance: str  # changes when the daemon restarts
     prefill_tokens_per_s: float = 0.0  # the latest rate a client of this layout reported (0: none)
+    wants_block_descriptions: bool = False  # the daemon publishes vLLM KV events: describe saved blocks
 
 
 class Reservation(NamedTuple):  # tuples: built per block, cheaply

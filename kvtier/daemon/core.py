@@ -26,12 +26,14 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
 
+from kvtier.blocks.hashing import BLOCK_HASH_BYTES
 from kvtier.blocks.keys import BlockKey, keys_for
 from kvtier.blocks.layout import KVLayout
 from kvtier.chain import ChainStats, NotReserved, TierChain
 from kvtier.chain.promotion import FetchBudget
 from kvtier.config import DaemonConfig
 from kvtier.errors import InvalidRequestError, LayoutError, LeaseError
+from kvtier.events.vllm_out import BlockDescription, BlockDescriptions
 from kvtier.tiers.host import Slot
 
 
@@ -96,6 +98,7 @@ class DaemonCore:
         self.started_at = time.time()
         self.instance = uuid.uuid4().hex  # new on every start: clients re-map the arena when it changes
         self.on_new_layout: Callable[[KVLayout], None] | None = None  # the index publisher listens
+        self.descriptions: BlockDescriptions | None = None  # set when the daemon publishes vLLM KV events
 
     # ---- layouts -----------------------------------------------------------------------------
 
@@ -117,6 +120,20 @@ class DaemonCore:
         if new and self.on_new_layout is not None:
             self.on_new_layout(layout)
         return layout
+
+    def describe_blocks(self, described: Sequence[tuple[bytes, bytes | None, Sequence[int], str | None]]) -> None:
+        """Keep the token ids clients report for their blocks (``(hash, parent, tokens, lora)``),
+        for the vLLM KV events; ignored when the daemon publishes none."""
+        if self.descriptions is None:
+            return
+        if len(described) > self.config.max_blocks_per_request:
+            raise InvalidRequestError(f"{len(described)} blocks in one request; the limit is {self.config.max_blocks_per_request}")
+        checked = []
+        for block_hash, parent, tokens, lora in described:
+            if len(block_hash) != BLOCK_HASH_BYTES or (parent is not None and len(parent) != BLOCK_HASH_BYTES):
+                raise InvalidRequestError(f"block and parent hashes must be {BLOCK_HASH_BYTES} bytes")
+            checked.append((bytes(block_hash), BlockDescription(bytes(parent) if parent else None, tuple(tokens), lora or None)))
+        self.descriptions.add(checked)
 
     def layouts(self) -> list[KVLayout]:
         with self._lock:

@@ -37,6 +37,7 @@ from kvtier.daemon.servicer import DaemonServicer
 from kvtier.errors import ConfigError
 from kvtier.events.publisher import IndexPublisher, served_layouts
 from kvtier.events.sinks import open_sink, s3_location_of
+from kvtier.events.vllm_out import BlockDescriptions, VllmEventPublisher
 from kvtier.index.memory import MemoryIndex
 from kvtier.index.server import IndexSweeper
 from kvtier.index.service import add_index_service
@@ -88,6 +89,7 @@ class DaemonServer:
         self.publisher: IndexPublisher | None = None
         self.local_index: MemoryIndex | None = None  # the daemon's own index, when it publishes to no other
         self._sweeper: IndexSweeper | None = None
+        self.vllm_events: VllmEventPublisher | None = None
 
     # ---- start -------------------------------------------------------------------------------
 
@@ -165,6 +167,10 @@ class DaemonServer:
         servicer.publisher = self.publisher
         if self.local_index is not None:
             self._sweeper = IndexSweeper(self.local_index)
+        if self.config.publish.vllm_events:
+            self.core.descriptions = BlockDescriptions(self.config.publish.block_descriptions)
+            self.vllm_events = VllmEventPublisher(chain, self.core.descriptions, self.config.publish, node=daemon_config.node,
+                                                  layouts=served_layouts(self.core.layouts))
         self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._reaper = threading.Thread(target=self._reap_loop, name="kvtier-reaper", daemon=True)
@@ -218,8 +224,13 @@ class DaemonServer:
             stop_metrics(self._metrics_server)
         if self.publisher is not None:
             self.publisher.close()
+            close_sink = getattr(self.publisher.sink, "close", None)
+            if close_sink is not None and self.publisher.sink is not self.local_index:
+                close_sink()
         if self._sweeper is not None:
             self._sweeper.close()
+        if self.vllm_events is not None:
+            self.vllm_events.close()
         if self.core is not None:
             pending = self.core.chain.stats().pending_demotions
             if pending:

@@ -81,7 +81,13 @@ class DaemonServicer(pb_grpc.KVTierDaemonServicer):
             daemon_instance=self.core.instance,
             fast_socket_path=self.fast_socket_path,
             prefill_tokens_per_s=self.core.prefill_rate(layout.layout_id),
+            wants_block_descriptions=self.core.descriptions is not None,
         )
+
+    @_rpc
+    def DescribeBlocks(self, request: pb.DescribeBlocksRequest, context: grpc.ServicerContext) -> pb.DescribeBlocksResponse:
+        self.core.describe_blocks([(b.block_hash, b.parent_hash or None, b.token_ids, b.lora_name) for b in request.blocks])
+        return pb.DescribeBlocksResponse()
 
     @_rpc
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:

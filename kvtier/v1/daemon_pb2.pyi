@@ -70,7 +70,7 @@ class RegisterLayoutRequest(_message.Message):
     def __init__(self, layout: _Optional[_Union[LayoutDescriptor, _Mapping]] = ..., expected_layout_id: _Optional[str] = ..., prefill_tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class RegisterLayoutResponse(_message.Message):
-    __slots__ = ("layout_id", "block_nbytes", "arena_path", "arena_nbytes", "daemon_instance", "fast_socket_path", "prefill_tokens_per_s")
+    __slots__ = ("layout_id", "block_nbytes", "arena_path", "arena_nbytes", "daemon_instance", "fast_socket_path", "prefill_tokens_per_s", "wants_block_descriptions")
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_NBYTES_FIELD_NUMBER: _ClassVar[int]
     ARENA_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class RegisterLayoutResponse(_message.Message):
     DAEMON_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     FAST_SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    WANTS_BLOCK_DESCRIPTIONS_FIELD_NUMBER: _ClassVar[int]
     layout_id: str
     block_nbytes: int
     arena_path: str
@@ -85,7 +86,30 @@ class RegisterLayoutResponse(_message.Message):
     daemon_instance: str
     fast_socket_path: str
     prefill_tokens_per_s: float
-    def __init__(self, layout_id: _Optional[str] = ..., block_nbytes: _Optional[int] = ..., arena_path: _Optional[str] = ..., arena_nbytes: _Optional[int] = ..., daemon_instance: _Optional[str] = ..., fast_socket_path: _Optional[str] = ..., prefill_tokens_per_s: _Optional[float] = ...) -> None: ...
+    wants_block_descriptions: bool
+    def __init__(self, layout_id: _Optional[str] = ..., block_nbytes: _Optional[int] = ..., arena_path: _Optional[str] = ..., arena_nbytes: _Optional[int] = ..., daemon_instance: _Optional[str] = ..., fast_socket_path: _Optional[str] = ..., prefill_tokens_per_s: _Optional[float] = ..., wants_block_descriptions: _Optional[bool] = ...) -> None: ...
+
+class BlockDescription(_message.Message):
+    __slots__ = ("block_hash", "parent_hash", "token_ids", "lora_name")
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    PARENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LORA_NAME_FIELD_NUMBER: _ClassVar[int]
+    block_hash: bytes
+    parent_hash: bytes
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    lora_name: str
+    def __init__(self, block_hash: _Optional[bytes] = ..., parent_hash: _Optional[bytes] = ..., token_ids: _Optional[_Iterable[int]] = ..., lora_name: _Optional[str] = ...) -> None: ...
+
+class DescribeBlocksRequest(_message.Message):
+    __slots__ = ("blocks",)
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockDescription]
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockDescription, _Mapping]]] = ...) -> None: ...
+
+class DescribeBlocksResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("layout_id", "block_hashes")

@@ -84,6 +84,11 @@ class KVTierDaemonStub:
                 request_serializer=kvtier_dot_v1_dot_daemon__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvtier_dot_v1_dot_daemon__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.DescribeBlocks = channel.unary_unary(
+                '/kvtier.v1.KVTierDaemon/DescribeBlocks',
+                request_serializer=kvtier_dot_v1_dot_daemon__pb2.DescribeBlocksRequest.SerializeToString,
+                response_deserializer=kvtier_dot_v1_dot_daemon__pb2.DescribeBlocksResponse.FromString,
+                _registered_method=True)
 
 
 class KVTierDaemonServicer:
@@ -155,6 +160,14 @@ class KVTierDaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeBlocks(self, request, context):
+        """Token ids of blocks a client saves, when the daemon publishes vLLM KV events (see
+        RegisterLayoutResponse.wants_block_descriptions); consumers recompute keys from them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTierDaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -207,6 +220,11 @@ def add_KVTierDaemonServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvtier_dot_v1_dot_daemon__pb2.StatsRequest.FromString,
                     response_serializer=kvtier_dot_v1_dot_daemon__pb2.StatsResponse.SerializeToString,
+            ),
+            'DescribeBlocks': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeBlocks,
+                    request_deserializer=kvtier_dot_v1_dot_daemon__pb2.DescribeBlocksRequest.FromString,
+                    response_serializer=kvtier_dot_v1_dot_daemon__pb2.DescribeBlocksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -479,6 +497,33 @@ class KVTierDaemon:
             '/kvtier.v1.KVTierDaemon/Stats',
             kvtier_dot_v1_dot_daemon__pb2.StatsRequest.SerializeToString,
             kvtier_dot_v1_dot_daemon__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.KVTierDaemon/DescribeBlocks',
+            kvtier_dot_v1_dot_daemon__pb2.DescribeBlocksRequest.SerializeToString,
+            kvtier_dot_v1_dot_daemon__pb2.DescribeBlocksResponse.FromString,
             options,
             channel_credentials,
             insecure,
