@@ -91,7 +91,7 @@ def test_vllms_own_classes_decode_the_daemons_events(tmp_path: Path) -> None:
         dealer.send_multipart((b"", (0).to_bytes(8, "big")))
         replayed = []
         while dealer.poll(5000):
-            _, topic, seq, payload = dealer.recv_multipart()
+            _, _topic, seq, _payload = dealer.recv_multipart()
             if seq == (-1).to_bytes(8, "big", signed=True):
                 break
             replayed.append(int.from_bytes(seq, "big"))
