@@ -128,7 +128,9 @@ def default_socket_path() -> Path:
 class DaemonConfig(_Section):
     """The node daemon: where it listens, how it authenticates TCP peers, its timeouts."""
 
-    node: str = Field(default_factory=lambda: os.uname().nodename)  # name reported to the index
+    # This node's name in the index: on Kubernetes the node name (NODE_NAME, set from the downward
+    # API's spec.nodeName, as deploy/ does), else the host name.
+    node: str = Field(default_factory=lambda: os.environ.get("NODE_NAME") or os.uname().nodename, min_length=1, max_length=253)
     socket_path: Path = Field(default_factory=default_socket_path)  # local clients; mode 0660, folder 0750
     # Optional TCP listener ("host:port"), for peers and remote tools. Refused unless a token or
     # mutual TLS is configured: every TCP call must authenticate.

@@ -340,6 +340,8 @@ class MemoryIndex(KVIndex):
         previous = (0, 0, 0, 0)
         for start, tiers in changes:
             for tier, old, new in zip(_TIERS, previous, tiers, strict=True):
+                if new == old:
+                    continue
                 entered = new & ~old & wanted
                 while entered:
                     low = entered & -entered
@@ -358,8 +360,10 @@ class MemoryIndex(KVIndex):
             length = ends[slot]
             tier, begin = open_runs[slot]  # a slot with a prefix entered a tier at block 0
             slot_runs.append(TierRun(tier, begin, length - begin))
-            score = sum(weights[run.tier] * run.blocks for run in slot_runs)
-            scores.append(NodeScore(self._slot_names[slot] or "", length, length * space.block_size, slot_runs, round(score, 6)))
+            score = 0.0
+            for run in slot_runs:
+                score += weights[run.tier] * run.blocks
+            scores.append(NodeScore(self._slot_names[slot] or "", length, length * space.block_size, slot_runs, score))
         scores.sort(key=lambda s: (-s.score, -s.blocks, s.node))
         return scores
 
