@@ -117,16 +117,40 @@ class MemoryIndex(KVIndex):
                     raise InvalidRequestError(f"engine events come from sources named {ENGINE_SOURCE_PREFIX}..., got {event.source!r}")
                 self._apply(node, event)
 
-    def heartbeat(self, info: NodeInfo) -> ApplyStatus:
+    def heartbeat(self, info: NodeInfo, *, age_s: float = 0.0) -> ApplyStatus:
+        """``age_s``: how long ago the heartbeat was sent (a replica loading a snapshot)."""
         with self._lock:
             node = self._nodes.get(info.node)
             if self._check_sessions and (node is None or node.info.session != info.session or node.info.seq != info.seq):
                 return ApplyStatus.RESYNC
+            seen = self._clock() - max(age_s, 0.0)
             if node is None:
-                node = self._nodes[info.node] = _Node(info, self._clock())
-            node.info, node.last_seen = info, self._clock()
+                node = self._nodes[info.node] = _Node(info, seen)
+            node.info, node.last_seen = info, seen
             self._alive_cache = None
             return ApplyStatus.OK
+
+    def load(self, node: str, events: Iterable[BlockEvent]) -> None:
+        """Apply stored holdings of ``node`` (or of a shared tier) without session checks or
+        touching the node's liveness: a replica building its view from a snapshot."""
+        with self._lock:
+            for event in events:
+                self._apply(node, event)
+            self._alive_cache = None
+
+    def forget(self, node: str) -> None:
+        """Drop a node and all its holdings (shared tiers stay): it was purged elsewhere."""
+        with self._lock:
+            self._drop_holder(node)
+            self._nodes.pop(node, None)
+            self._drop_orphan_locations()
+            self._alive_cache = None
+
+    def expired(self) -> list[str]:
+        """Nodes past their TTL, not purged yet."""
+        with self._lock:
+            now = self._clock()
+            return [name for name, node in self._nodes.items() if now - node.last_seen > self.heartbeat_ttl_s]
 
     def _apply(self, node: str, event: BlockEvent) -> None:
         name = shared_holder_of(event.source) if event.tier in SHARED_TIERS else node
@@ -230,8 +254,7 @@ class MemoryIndex(KVIndex):
     def expire(self) -> list[str]:
         """Purge the holdings of nodes past their TTL (their shared tiers stay); return their names."""
         with self._lock:
-            now = self._clock()
-            dead = [name for name, node in self._nodes.items() if now - node.last_seen > self.heartbeat_ttl_s]
+            dead = self.expired()
             for name in dead:
                 self._drop_holder(name)
                 del self._nodes[name]
