@@ -108,7 +108,7 @@ def _redis_answers(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
@@ -133,13 +133,16 @@ def moto_server(timeout_s: float = 30.0) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def redis_server(timeout_s: float = 30.0) -> Iterator[str]:
-    """Run ``redis-server`` (no persistence) on a free port; yield ``redis://127.0.0.1:PORT/0``."""
+def redis_server(timeout_s: float = 30.0, port: int | None = None, password: str | None = None) -> Iterator[str]:
+    """Run ``redis-server`` (no persistence) on ``port`` (default a free one); yield
+    ``redis://127.0.0.1:PORT/0``. Starting it again on the same port is a Redis restart."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise ServerBinaryMissing("redis-server not found: apt-get install -y redis-server")
-    port = free_port()
+    port = port or free_port()
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    if password:
+        argv += ["--requirepass", password]
     with _process(argv, "redis-server", lambda: _redis_answers(port), timeout_s):
         yield f"redis://127.0.0.1:{port}/0"
 

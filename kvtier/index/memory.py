@@ -268,18 +268,6 @@ class MemoryIndex(KVIndex):
             if name not in self._nodes and not any(holder.sources.values()):
                 self._drop_holder(name)
 
-    def clear(self) -> None:
-        """Forget everything (a replica rebuilding its view)."""
-        with self._lock:
-            self._holders.clear()
-            self._slot_names.clear()
-            self._free_slots.clear()
-            self._blocks.clear()
-            self._extra.clear()
-            self._nodes.clear()
-            self._width = _INITIAL_WIDTH
-            self._alive_cache = None
-
     # ---- queries -----------------------------------------------------------------------------
 
     def _alive(self) -> tuple[int, dict[int, int]]:

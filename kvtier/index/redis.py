@@ -33,6 +33,7 @@ from kvtier.index.redis_store import (
     RedisStore,
     epoch_key,
     log_key,
+    members_key,
     node_key,
     nodes_key,
     owned_key,
@@ -62,7 +63,8 @@ class RedisIndex(KVIndex):
         self.store = RedisStore(client, namespace)
         self.prefix = self.store.prefix
         self.heartbeat_ttl_s = heartbeat_ttl_s
-        self.view = MemoryIndex(heartbeat_ttl_s=heartbeat_ttl_s, weights=weights, clock=clock, check_sessions=False)
+        self._new_view = lambda: MemoryIndex(heartbeat_ttl_s=heartbeat_ttl_s, weights=weights, clock=clock, check_sessions=False)
+        self.view = self._new_view()  # replaced whole by a rebuild, so queries never see a half-built one
         self._epoch: bytes | None = None
         self._applied = (0, 0)  # the last log id the view has applied
         self._built = threading.Event()
@@ -164,28 +166,31 @@ class RedisIndex(KVIndex):
         last = client.xrevrange(log_key(prefix), count=1)
         start = _stream_id(last[0][0]) if last else (0, 0)
         epoch = client.get(epoch_key(prefix))
-        self.view.clear()
+        view = self._new_view()
         redis_now_ms = _redis_ms(client)
-        for node_raw, payload in client.hgetall(nodes_key(prefix)).items():
+        heartbeats = client.hgetall(nodes_key(prefix))
+        for node_raw in client.smembers(members_key(prefix)):
             node = node_raw.decode()
-            try:
-                info = decode_heartbeat(payload)
-            except InvalidRequestError as exc:
-                log.warning("index replica: skipping node %s's unreadable heartbeat (%s)", node, exc)
-                continue
-            seen = client.hget(node_key(prefix, node), "seen")
+            session, seq, seen = client.hmget(node_key(prefix, node), "session", "seq", "seen")
             age_s = (redis_now_ms - int(seen)) / 1000 if seen else self.heartbeat_ttl_s + 1
-            self.view.heartbeat(info, age_s=age_s)
+            view.publish(PublishBatch(node, (session or b"?").decode(), int(seq or 0), True, []))
+            payload = heartbeats.get(node_raw)
+            try:
+                info = decode_heartbeat(payload) if payload else NodeInfo(node, (session or b"?").decode(), int(seq or 0))
+            except InvalidRequestError as exc:
+                log.warning("index replica: node %s's heartbeat is unreadable (%s)", node, exc)
+                info = NodeInfo(node, (session or b"?").decode(), int(seq or 0))
+            view.heartbeat(info, age_s=age_s)
             for key in client.smembers(owned_key(prefix, node)):
-                self.view.load(node, [self._source_event(key)])
+                view.load(node, [self._source_event(key)])
         for key in client.smembers(shared_key(prefix)):
-            self.view.load("", [self._source_event(key)])
-        self._epoch, self._applied = epoch, start
+            view.load("", [self._source_event(key)])
+        self.view, self._epoch, self._applied = view, epoch, start
         self._built.set()
         self.stats["rebuilds"] += 1
 
     def _source_event(self, key: bytes) -> BlockEvent:
-        holder, model, block_size, source, tier = source_key_fields(self.prefix, key)
+        _holder, model, block_size, source, tier = source_key_fields(self.prefix, key)
         members: list[int] = []
         for page in self.client.sscan_iter(key, count=_SCAN_PAGE):
             members.extend(unpack_keys(page))

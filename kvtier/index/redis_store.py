@@ -5,7 +5,8 @@ function per key format below):
 
 - ``{ns}:epoch``: a random id made when the store is first written; a Redis that restarted empty
   has none, so replicas see the change and rebuild.
-- ``{ns}:node:<node>``: hash ``session``, ``seq``, ``seen`` (Redis time, ms) of a node's publisher.
+- ``{ns}:members``: set of the nodes that published; ``{ns}:node:<node>``: hash ``session``,
+  ``seq``, ``seen`` (Redis time, ms) of a node's publisher.
 - ``{ns}:nodes``: hash node -> its last heartbeat (``kvtier.events.wire``).
 - ``{ns}:owned:<node>``: set of the node's source-set keys; ``{ns}:shared``: those of shared tiers.
 - ``{ns}:src:<holder>|<model>|<block_size>|<source>|<tier>``: set of 8-byte index keys one source
@@ -104,6 +105,7 @@ else
 end
 apply_events(p, node, 9)
 redis.call('HSET', nk, 'session', session, 'seq', seq, 'seen', now_ms())
+redis.call('SADD', p .. ':members', node)
 redis.call('XADD', p .. ':log', 'MAXLEN', '~', maxlen, '*', 'k', 'b', 'd', payload)
 return 'OK'
 """
@@ -138,6 +140,7 @@ if seen ~= nil and now - seen <= ttl_ms then return 0 end
 for _, key in ipairs(redis.call('SMEMBERS', p .. ':owned:' .. node)) do redis.call('DEL', key) end
 redis.call('DEL', p .. ':owned:' .. node, nk)
 redis.call('HDEL', p .. ':nodes', node)
+redis.call('SREM', p .. ':members', node)
 redis.call('XADD', p .. ':log', 'MAXLEN', '~', maxlen, '*', 'k', 'p', 'd', node)
 return 1
 """
@@ -156,6 +159,10 @@ def namespace_prefix(namespace: str) -> str:
 
 def epoch_key(prefix: str) -> str:
     return f"{prefix}:epoch"
+
+
+def members_key(prefix: str) -> str:
+    return f"{prefix}:members"
 
 
 def nodes_key(prefix: str) -> str:
