@@ -144,3 +144,32 @@ def test_an_index_on_tcp_without_credentials_does_not_start(tmp_path: Path) -> N
     result = subprocess.run([sys.executable, "-m", "kvtier", "index", "serve", "--address", f"127.0.0.1:{free_port()}"],
                             check=False, capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2 and "authenticate" in result.stderr
+
+
+@pytest.mark.redis
+def test_daemons_publish_straight_into_redis_and_an_index_replica_answers(tmp_path: Path, redis_url: str) -> None:
+    port = free_port()
+    log = open(tmp_path / "index.log", "wb")  # noqa: SIM115 - closed below
+    index = subprocess.Popen([sys.executable, "-m", "kvtier", "index", "serve", "--address", f"127.0.0.1:{port}",
+                              "--store", redis_url, "--namespace", "svc", "--ttl", "3"],
+                             env={**os.environ, "KVTIER_INDEX_AUTH_TOKEN": TOKEN}, stdout=log, stderr=subprocess.STDOUT)
+    daemon = LocalDaemon(tmp_path / "d", host_capacity="32MiB", args=["--node-name", "redis-node", "--index", redis_url],
+                         env={"KVTIER_PUBLISH_NAMESPACE": "svc", "KVTIER_PUBLISH_HEARTBEAT_S": "0.5"})
+    daemon.start()
+    try:
+        fill(daemon, 7)
+        with IndexClient(f"127.0.0.1:{port}", token=TOKEN, timeout_s=2) as client:
+            def blocks() -> list[tuple[str, int]]:
+                try:
+                    return [(s.node, s.blocks) for s in client.score("test/tiny", token_ids=PROMPT)]
+                except Exception:  # noqa: BLE001 - the index may still be starting
+                    return []
+
+            assert wait_until(lambda: blocks() == [("redis-node", 7)], timeout=30), (tmp_path / "index.log").read_text()
+        stats = json.loads(kvtier_cli("stats", "--socket", str(daemon.socket_path), "--json").stdout)
+        assert stats["publish"]["publishing"] and stats["publish"]["target"].startswith("redis://")
+    finally:
+        daemon.stop()
+        index.terminate()
+        index.wait(timeout=30)
+        log.close()
