@@ -92,7 +92,8 @@ class KVIndex(ABC):
         """Events translated from an engine's own KV-event stream (sources ``vllm:...``).
 
         They carry no session: the subscriber keeps their order and clears its source after a
-        gap it cannot replay. A reset of the node's daemon never drops them; expiry of the node does.
+        gap it cannot replay. They keep the node alive (a node may run engines without a
+        daemon). A reset of the node's daemon never drops them; expiry of the node does.
         """
 
     @abstractmethod

@@ -111,11 +111,19 @@ class MemoryIndex(KVIndex):
             return ApplyStatus.OK
 
     def apply_engine_events(self, node: str, events: list[BlockEvent]) -> None:
+        """Engine events also keep their node alive: a node may have engines and no daemon."""
         with self._lock:
             for event in events:
                 if not is_engine_source(event.source):
                     raise InvalidRequestError(f"engine events come from sources named {ENGINE_SOURCE_PREFIX}..., got {event.source!r}")
+            known = self._nodes.get(node)
+            if known is None:
+                self._nodes[node] = _Node(NodeInfo(node, "", 0), self._clock())
+            else:
+                known.last_seen = self._clock()
+            for event in events:
                 self._apply(node, event)
+            self._alive_cache = None
 
     def heartbeat(self, info: NodeInfo, *, age_s: float = 0.0) -> ApplyStatus:
         """``age_s``: how long ago the heartbeat was sent (a replica loading a snapshot)."""

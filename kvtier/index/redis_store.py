@@ -126,6 +126,8 @@ _ENGINE_EVENTS = _APPLY_EVENTS + r"""
 local p, payload, maxlen, fresh, node = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 ensure_epoch(p, fresh)
 apply_events(p, node, 6)
+redis.call('HSET', p .. ':node:' .. node, 'seen', now_ms())
+redis.call('SADD', p .. ':members', node)
 redis.call('XADD', p .. ':log', 'MAXLEN', '~', maxlen, '*', 'k', 'e', 'd', payload)
 return 'OK'
 """

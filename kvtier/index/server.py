@@ -88,7 +88,7 @@ class IndexServer:
     def _start_engine_subscribers(self) -> None:
         if not self.config.index.engine_events:
             return
-        from kvtier.index.engines import subscribe_engines
+        from kvtier.events.vllm_in import subscribe_engines
 
         self._subscribers = subscribe_engines(self.index, self.config.index.engine_events)
 
