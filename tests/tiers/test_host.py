@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -163,15 +165,34 @@ def hold_arena(directory: Path, name: str = "") -> tuple[subprocess.Popen, Path]
     return holder, Path(holder.stdout.readline().strip())
 
 
+def kill_holder(holder: subprocess.Popen, path: Path) -> None:
+    """SIGKILL ``holder`` and wait until the kernel has let go of its arena's owner lock: the
+    lock goes with the process's last reference to the file, which another task reading the
+    dead process's memory map (``/proc``) can hold a moment past the reap."""
+    holder.kill()
+    holder.wait()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"a killed process's lock on {path} was never released"
+                time.sleep(0.01)
+    finally:
+        os.close(fd)
+
+
 def test_arenas_of_killed_processes_are_removed_at_start_and_live_ones_kept(tmp_path) -> None:
     (dead, dead_path), (alive, alive_path) = hold_arena(tmp_path), hold_arena(tmp_path)
     dead_named, dead_named_path = hold_arena(tmp_path, "kvtier-fixed-arena")
     unrelated = tmp_path / "kvtier-notes.txt"
     unrelated.write_text("not an arena")
     try:
-        for process in (dead, dead_named):
-            process.kill()
-            process.wait()
+        kill_holder(dead, dead_path)
+        kill_holder(dead_named, dead_named_path)
         assert dead_path.exists() and dead_named_path.exists()  # nothing else would remove them
         tier = HostTier(HostTierConfig(capacity="1MiB", slab_size="1MiB", shm_dir=tmp_path))
         try:
@@ -189,8 +210,7 @@ def test_arenas_of_killed_processes_are_removed_at_start_and_live_ones_kept(tmp_
 
 def test_a_stale_arena_of_the_configured_name_is_replaced(tmp_path) -> None:
     holder, path = hold_arena(tmp_path, "my-arena")  # a name outside kvtier's pattern: only create replaces it
-    holder.kill()
-    holder.wait()
+    kill_holder(holder, path)
     tier = HostTier(HostTierConfig(capacity="2MiB", slab_size="1MiB", shm_dir=tmp_path, name="my-arena"))
     try:
         assert tier.arena.path == path and path.stat().st_size == 2 << 20
