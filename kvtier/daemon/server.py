@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import signal
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +40,7 @@ from kvtier.events.vllm_out import BlockDescriptions, VllmEventPublisher
 from kvtier.index.memory import MemoryIndex
 from kvtier.index.server import IndexSweeper
 from kvtier.index.service import add_index_service
+from kvtier.stop_signals import stop_on_signals, wait_for_stop
 from kvtier.v1 import daemon_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -250,27 +250,18 @@ class DaemonServer:
 def run_daemon(config: KVTierConfig, ready: threading.Event | None = None) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
     server = DaemonServer(config)
-    stop_requested = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stop_requested.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        cpus = apply_cpu_affinity(config.daemon.cpu_affinity)  # before any thread starts: they inherit it
-        if cpus is not None:
-            log.info("running on CPUs %s (daemon.cpu_affinity=%s)", _cpu_list(cpus), config.daemon.cpu_affinity)
-        server.start()
-        if ready is not None:
-            ready.set()
-        print(f"kvtier daemon ready on {server.socket_path}", flush=True)
-        while not stop_requested.wait(0.5):
-            pass
-    finally:
-        server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with stop_on_signals() as stop:
+        try:
+            cpus = apply_cpu_affinity(config.daemon.cpu_affinity)  # before any thread starts: they inherit it
+            if cpus is not None:
+                log.info("running on CPUs %s (daemon.cpu_affinity=%s)", _cpu_list(cpus), config.daemon.cpu_affinity)
+            server.start()
+            if ready is not None:
+                ready.set()
+            print(f"kvtier daemon ready on {server.socket_path}", flush=True)
+            wait_for_stop(stop)
+        finally:
+            server.stop()
 
 
 def _cpu_list(cpus: set[int]) -> str:

@@ -8,7 +8,6 @@ own sweeper). vLLM engines' KV-event streams listed in ``index.engine_events`` f
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,6 +21,7 @@ from kvtier.index.base import KVIndex
 from kvtier.index.factory import make_index
 from kvtier.index.memory import MemoryIndex
 from kvtier.index.service import SERVICE_NAME, add_index_service
+from kvtier.stop_signals import stop_on_signals, wait_for_stop
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +110,10 @@ class IndexServer:
 def run_index(config: KVTierConfig) -> None:
     """Serve until SIGTERM or SIGINT."""
     server = IndexServer(config)
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.start()
-        print(f"kvtier index ready on {config.index.address} (port {server.port})", flush=True)
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with stop_on_signals() as stop:
+        try:
+            server.start()
+            print(f"kvtier index ready on {config.index.address} (port {server.port})", flush=True)
+            wait_for_stop(stop)
+        finally:
+            server.stop()

@@ -125,16 +125,21 @@ class LocalDaemon:
         return self.wait_for_saves(0, timeout)
 
     def wait_for_saves(self, min_host_blocks: int, timeout: float = 60) -> bool:
-        """Wait until host memory holds ``min_host_blocks`` and nothing waits for demotion (an
-        engine's saves are asynchronous). False on timeout."""
-        deadline = time.monotonic() + timeout
-        with self.client() as client:
-            while time.monotonic() < deadline:
-                stats = client.stats().chain
-                if stats.tiers[0].blocks >= min_host_blocks and stats.pending_demotions == 0:
-                    return True
-                time.sleep(0.1)
-        return False
+        """See :func:`wait_for_saves`."""
+        return wait_for_saves(self.socket_path, min_host_blocks, timeout)
 
     def client(self, **kwargs) -> DaemonClient:
         return DaemonClient(self.socket_path, **kwargs)
+
+
+def wait_for_saves(socket_path: Path, min_host_blocks: int, timeout: float = 60) -> bool:
+    """Wait until the daemon on ``socket_path`` holds ``min_host_blocks`` in host memory and
+    nothing waits for demotion (an engine's saves are asynchronous). False on timeout."""
+    deadline = time.monotonic() + timeout
+    with DaemonClient(socket_path) as client:
+        while time.monotonic() < deadline:
+            stats = client.stats().chain
+            if stats.tiers[0].blocks >= min_host_blocks and stats.pending_demotions == 0:
+                return True
+            time.sleep(0.1)
+    return False

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kvtier.cli.stop import daemon_pid, stop_daemon
-from kvtier.testing.daemon import LocalDaemon, free_port
+from kvtier.testing.daemon import LocalDaemon, free_port, wait_for_saves
 from kvtier.testing.server import OpenAIServer
 from kvtier.testing.workload import kvtier_connector_config, make_workload
 from tests.vllm.conftest import AS_USERS_RUN_IT, EngineRun, run_engine_subprocess
@@ -69,18 +69,19 @@ async def complete_all(server: OpenAIServer, prompts: list[list[int]]) -> list[l
         await client.close()
 
 
-def serve(wide_model: Path, workdir: Path, name: str, config: dict, env: dict) -> OpenAIServer:
-    return OpenAIServer(wide_model, log_path=workdir / f"{name}.log", args=SERVER_ARGS, kv_transfer_config=config,
+def serve(wide_model: Path, workdir: Path, name: str, config: dict, env: dict, args: tuple[str, ...] = ()) -> OpenAIServer:
+    return OpenAIServer(wide_model, log_path=workdir / f"{name}.log", args=[*SERVER_ARGS, *args], kv_transfer_config=config,
                         env={**AS_USERS_RUN_IT, **env}).wait_ready()
 
 
 @pytest.fixture
-def operator_daemon() -> Iterator[LocalDaemon]:
+def operator_daemon(workdir: Path) -> Iterator[LocalDaemon]:
     root = Path(tempfile.mkdtemp(prefix="kvo-", dir="/tmp"))
     daemon = LocalDaemon(root, host_capacity="1GiB", disk_capacity="2GiB")
     daemon.start()
     yield daemon
     daemon.stop()
+    shutil.copy(daemon.log_path, workdir / "operator-daemon.log")  # kept with the servers' logs
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -95,17 +96,27 @@ def embedded_runtime() -> Iterator[dict[str, str]]:
     shutil.rmtree(runtime, ignore_errors=True)
 
 
-def fill_then_fresh_server(wide_model: Path, workdir: Path, name: str, config: dict, env: dict, reference: EngineRun) -> None:
-    with serve(wide_model, workdir, f"{name}-fill", config, env) as server:
+def fill_then_fresh_server(wide_model: Path, workdir: Path, name: str, config: dict, env: dict, reference: EngineRun,
+                           drain: bool = False) -> None:
+    """Fill kvtier from one server, then read it from a fresh one. Saves are asynchronous and
+    vLLM's default shutdown (``--shutdown-timeout 0``) aborts those in flight: with ``drain`` the
+    fill server is stopped at once with a drain timeout (vLLM then waits for the blocks the
+    connector holds until they are copied out), else the test waits for the saves first."""
+    shared = 2 * (DOC_TOKENS // BLOCK) * BLOCK
+    socket_path = Path(config["kv_connector_extra_config"].get("socket_path") or Path(env["XDG_RUNTIME_DIR"]) / "kvtier" / "kvtier.sock")
+    with serve(wide_model, workdir, f"{name}-fill", config, env, ("--shutdown-timeout", "60") if drain else ()) as server:
         assert asyncio.run(complete_all(server, WORKLOAD[0])) == reference.token_ids(0)
         # Concurrent requests on the same server: the shared prefix comes from vLLM's own cache
         # or from kvtier; either way the outputs are the engine's.
         assert asyncio.run(complete_all(server, WORKLOAD[1])) == reference.token_ids(1)
+        if not drain:
+            assert wait_for_saves(socket_path, shared // BLOCK, timeout=120), "the fill server's saves did not all reach the daemon"
+    # after a drained shutdown no engine is left to save anything: what is missing now is lost
+    assert wait_for_saves(socket_path, shared // BLOCK, timeout=120), "saves were lost at the fill server's shutdown"
     with serve(wide_model, workdir, f"{name}-fresh", config, env) as server:
         assert asyncio.run(complete_all(server, WORKLOAD[2])) == reference.token_ids(2)
         hits = server.metric("vllm:external_prefix_cache_hits_total")
         log = server.log()
-    shared = 2 * (DOC_TOKENS // BLOCK) * BLOCK
     assert hits >= 0.9 * shared, f"{hits} of {shared} shared prompt tokens came from kvtier"
     failures = [line for line in log.splitlines() if "is late" in line or "unreachable" in line]
     assert not failures, failures[:5]
@@ -117,4 +128,5 @@ def test_openai_server_on_the_embedded_default(wide_model: Path, workdir: Path, 
 
 def test_openai_server_with_an_operator_run_daemon(wide_model: Path, workdir: Path, reference: EngineRun,
                                                    operator_daemon: LocalDaemon) -> None:
-    fill_then_fresh_server(wide_model, workdir, "operator", kvtier_connector_config(operator_daemon.socket_path), {}, reference)
+    fill_then_fresh_server(wide_model, workdir, "operator", kvtier_connector_config(operator_daemon.socket_path), {}, reference,
+                           drain=True)
