@@ -166,7 +166,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--weights", help="tier weights of the score, e.g. gpu=1,host=0.9,disk=0.8,s3=0.5")
     serve.add_argument("--engine-events", action="append",
                        help="subscribe to a vLLM engine's KV events: node=tcp://host:5557[,replay=tcp://host:5558][,model=M]"
-                            " (repeat for several)")
+                            "[,tiers=gpu|all] (repeat for several)")
     serve.set_defaults(handler=_serve)
 
     for name, handler, help_text in (("score", _score, "each node's cached prefix of a prompt"),

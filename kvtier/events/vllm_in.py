@@ -12,6 +12,10 @@ or a positional array with the tag first, in the field order llm-d decodes::
 Hashes may be ints or bytes; they are only the engine's names for its blocks. The index keys
 blocks by kvtier's own hash, recomputed from each stored block's token ids and its parent's
 kvtier hash (remembered per engine hash), so GPU blocks and kvtier's tiers share one key space.
+Only the GPU medium is taken by default (``tiers=gpu``): a node's kvtier daemon publishes its own
+tiers with removals, while the ``CPU``/``STORAGE`` events kvtier's connector adds to the engine's
+stream (for indexes that see nothing else) are never removed when the daemon evicts. A node that
+offloads with vLLM's own connector instead, and has no kvtier daemon, takes ``tiers=all``.
 Strict where a guess could be wrong: an unknown medium, a block whose parent is unknown, extra
 keys kvtier cannot reproduce (multimodal items, salts it cannot place), another block size, a
 hybrid model's non-first group: each is skipped and counted, never indexed under a wrong key.
@@ -33,6 +37,8 @@ from kvtier.events.model import ENGINE_SOURCE_PREFIX, BlockEvent, IndexTier, Op,
 
 log = logging.getLogger(__name__)
 
+GPU_ONLY = frozenset({IndexTier.GPU})
+ALL_TIERS = frozenset(IndexTier)
 MEDIUM_TIERS = {None: IndexTier.GPU, "GPU": IndexTier.GPU, "CPU": IndexTier.HOST, "STORAGE": IndexTier.DISK,
                 "FS": IndexTier.DISK, "OBJ": IndexTier.DISK, "DISK": IndexTier.DISK}
 _STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium", "lora_name",
@@ -144,6 +150,7 @@ class TranslatorStats:
     stored: int = 0
     removed: int = 0
     unknown_medium: int = 0
+    other_tier: int = 0  # a known medium the stream does not take (``tiers=gpu``)
     unknown_parent: int = 0
     unreproducible_extra_keys: int = 0
     other_block_size: int = 0
@@ -161,11 +168,12 @@ class EngineEventTranslator:
     is removed only with its last copy. Not thread-safe: one subscriber thread owns it.
     """
 
-    def __init__(self, space: Space, source: str) -> None:
+    def __init__(self, space: Space, source: str, tiers: frozenset[IndexTier] = GPU_ONLY) -> None:
         if not source.startswith(ENGINE_SOURCE_PREFIX):
             source = ENGINE_SOURCE_PREFIX + source
         self.space = space
         self.source = source
+        self.tiers = tiers
         self.stats = TranslatorStats()
         self._blocks: dict[tuple[EngineHash, IndexTier], list] = {}  # (engine hash, tier) -> [kvtier hash, copies]
         self._kvtier_of: dict[EngineHash, bytes] = {}  # engine hash -> kvtier hash (for parents), any tier
@@ -196,6 +204,9 @@ class EngineEventTranslator:
         tier = MEDIUM_TIERS.get(medium.upper() if isinstance(medium, str) else medium)
         if tier is None:
             self.stats.unknown_medium += 1
+        elif tier not in self.tiers:
+            self.stats.other_tier += 1
+            return None
         return tier
 
     def _stored(self, event: EngineBlockStored, out: list[BlockEvent]) -> None:
@@ -277,15 +288,17 @@ def _merged(events: list[BlockEvent]) -> list[BlockEvent]:
 
 @dataclass(frozen=True, slots=True)
 class EngineStream:
-    """One engine's event stream, from ``index.engine_events``: ``[node=]tcp://h:5557[,replay=...][,model=M]``
-    (several engines may connect to one ``tcp://*:PORT`` the index binds; node and model then
-    come from each message's topic)."""
+    """One engine's event stream, from ``index.engine_events``:
+    ``[node=]tcp://h:5557[,replay=...][,model=M][,block_size=N][,tiers=gpu|all]`` (several engines
+    may connect to one ``tcp://*:PORT`` the index binds; node and model then come from each
+    message's topic). ``tiers``: which mediums to index (see the module docstring)."""
 
     endpoint: str
     node: str | None = None
     model: str | None = None
     replay: str | None = None
     block_size: int | None = None
+    tiers: frozenset[IndexTier] = GPU_ONLY
 
     @property
     def binds(self) -> bool:
@@ -303,13 +316,18 @@ class EngineStream:
         options: dict[str, str] = {}
         for part in parts[1:]:
             key, eq, value = part.partition("=")
-            if not eq or key not in ("replay", "model", "block_size"):
-                raise InvalidRequestError(f"engine event stream option {part!r}: expected replay=, model= or block_size=")
+            if not eq or key not in ("replay", "model", "block_size", "tiers"):
+                raise InvalidRequestError(f"engine event stream option {part!r}: expected replay=, model=, block_size= or tiers=")
             options[key] = value
         if not endpoint.startswith(("tcp://", "ipc://")):
             raise InvalidRequestError(f"engine event endpoint {endpoint!r} must be tcp://host:port or ipc://path")
         size = options.get("block_size")
-        return cls(endpoint, node if sep else None, options.get("model"), options.get("replay"), int(size) if size else None)
+        if size is not None and not (size.isdigit() and int(size) > 0):
+            raise InvalidRequestError(f"engine event stream option block_size={size!r}: expected a positive integer")
+        tiers = {"gpu": GPU_ONLY, "all": ALL_TIERS}.get(options.get("tiers", "gpu"))
+        if tiers is None:
+            raise InvalidRequestError(f"engine event stream option tiers={options['tiers']!r}: expected gpu or all")
+        return cls(endpoint, node if sep else None, options.get("model"), options.get("replay"), int(size) if size else None, tiers)
 
 
 class VllmEventSubscriber:
@@ -422,7 +440,7 @@ class VllmEventSubscriber:
             size = self.stream.block_size or next((e.block_size for e in batch.events if isinstance(e, EngineBlockStored)), None)
             if size is None:
                 return None
-            translator = self._translators[key] = EngineEventTranslator(Space(model, size), self.stream.endpoint)
+            translator = self._translators[key] = EngineEventTranslator(Space(model, size), self.stream.endpoint, self.stream.tiers)
         return translator
 
     def _translators_of(self, topic: bytes) -> list[tuple[str, EngineEventTranslator]]:

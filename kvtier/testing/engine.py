@@ -52,6 +52,9 @@ _CHILD = textwrap.dedent(
         kwargs = dict(spec["llm_kwargs"])
         if spec.get("kv_transfer_config"):
             kwargs["kv_transfer_config"] = KVTransferConfig(**spec["kv_transfer_config"])
+        if isinstance(kwargs.get("kv_events_config"), dict):  # vLLM's own KV events (ZMQ)
+            from vllm.config import KVEventsConfig
+            kwargs["kv_events_config"] = KVEventsConfig(**kwargs["kv_events_config"])
         llm = LLM(model=spec["model"], **kwargs)
         out.write(json.dumps({"ready": True}) + "\\n"); out.flush()
         for line in sys.stdin:

@@ -79,11 +79,24 @@ def test_the_translator_recomputes_kvtiers_keys_and_counts_copies() -> None:
     assert translate(translator, kv_events.BlockRemoved(block_hashes=[3], medium="GPU")) == []  # one copy left
     [gone] = translate(translator, kv_events.BlockRemoved(block_hashes=[3], medium="GPU"))
     assert gone.op is Op.REMOVED and gone.keys == [KEYS[2]]
-    [cpu] = translate(translator, stored([1], None, TOKENS[:16], medium="CPU"))
-    assert cpu.tier is IndexTier.HOST
+    # kvtier's own tiers come from its daemons: the CPU/STORAGE events its connector adds are not taken
+    assert translate(translator, stored([1], None, TOKENS[:16], medium="CPU")) == [] and translator.stats.other_tier == 1
     assert translate(translator, stored([1], None, TOKENS[:16], medium="TAPE")) == [] and translator.stats.unknown_medium == 1
-    cleared = translate(translator, kv_events.AllBlocksCleared())
-    assert {(e.tier, tuple(sorted(e.keys))) for e in cleared} == {(IndexTier.GPU, tuple(sorted(KEYS[:2]))), (IndexTier.HOST, (KEYS[0],))}
+    [cleared] = translate(translator, kv_events.AllBlocksCleared())
+    assert cleared.op is Op.REMOVED and cleared.tier is IndexTier.GPU and sorted(cleared.keys) == sorted(KEYS[:2])
+
+
+def test_a_stream_of_all_tiers_indexes_vllms_own_offloading() -> None:
+    """A node offloading with vLLM's own connector (no kvtier daemon): its CPU blocks, with removals."""
+    translator = EngineEventTranslator(SPACE, "e", EngineStream.parse("n=tcp://e:5557,tiers=all").tiers)
+    [gpu] = translate(translator, stored([1, 2], None, TOKENS[:32]))
+    [cpu] = translate(translator, stored([1], None, TOKENS[:16], medium="CPU"))
+    assert gpu.tier is IndexTier.GPU and cpu.tier is IndexTier.HOST and cpu.keys == KEYS[:1]
+    [gone] = translate(translator, kv_events.BlockRemoved(block_hashes=[1], medium="CPU"))
+    assert gone.op is Op.REMOVED and gone.tier is IndexTier.HOST and gone.keys == KEYS[:1]
+    cleared = translate(translator, stored([1], None, TOKENS[:16], medium="CPU"), kv_events.AllBlocksCleared())
+    assert {(e.tier, tuple(sorted(e.keys))) for e in cleared if e.op is Op.REMOVED} == {
+        (IndexTier.GPU, tuple(sorted(KEYS[:2]))), (IndexTier.HOST, (KEYS[0],))}
 
 
 def test_lora_is_folded_in_and_unknown_extra_keys_are_not_guessed() -> None:
@@ -99,8 +112,10 @@ def test_streams_parse() -> None:
     stream = EngineStream.parse("node-a=tcp://10.0.0.1:5557,replay=tcp://10.0.0.1:5558,model=llama")
     assert (stream.node, stream.endpoint, stream.replay, stream.model) == ("node-a", "tcp://10.0.0.1:5557", "tcp://10.0.0.1:5558", "llama")
     assert EngineStream.parse("tcp://h:1").node is None
-    with pytest.raises(InvalidRequestError):
-        EngineStream.parse("node=http://h:1")
+    assert EngineStream.parse("tcp://h:1").tiers == {IndexTier.GPU}
+    for bad in ("node=http://h:1", "n=tcp://h:1,tiers=cpu", "n=tcp://h:1,block_size=x", "n=tcp://h:1,colour=red"):
+        with pytest.raises(InvalidRequestError):
+            EngineStream.parse(bad)
 
 
 def publisher(topic: str, replay: bool):
