@@ -149,10 +149,14 @@ class DaemonServer:
             if daemon_config.tcp_address:
                 interceptors = (BearerTokenInterceptor(token),) if token else ()
                 remote = self._new_server(servicer, options, interceptors)
-                if tls is not None:
-                    self.tcp_port = remote.add_secure_port(daemon_config.tcp_address, tls)
-                else:
-                    self.tcp_port = remote.add_insecure_port(daemon_config.tcp_address)
+                try:
+                    if tls is not None:
+                        self.tcp_port = remote.add_secure_port(daemon_config.tcp_address, tls)
+                    else:
+                        self.tcp_port = remote.add_insecure_port(daemon_config.tcp_address)
+                except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
+                    raise ConfigError(f"daemon.tcp_address {daemon_config.tcp_address!r}: cannot listen there ({exc}); "
+                                      "is the port in use, or the host not one of this machine's addresses?") from None
                 remote.start()
             if daemon_config.metrics_address:
                 self._metrics_server, _ = serve_metrics(daemon_config.metrics_address, self.core)

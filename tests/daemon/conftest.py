@@ -13,7 +13,7 @@ import pytest
 from kvtier.blocks import KVLayout
 from kvtier.testing.daemon import LocalDaemon, free_port
 
-__all__ = ["LAYOUT", "DaemonProcess", "free_port", "payload"]
+__all__ = ["LAYOUT", "DaemonProcess", "free_port", "payload", "start_on_tcp"]
 
 LAYOUT = KVLayout(model="test/tiny", dtype="float16", num_layers=2, num_kv_heads=2, head_size=64, block_size=16)  # 8 KiB blocks
 
@@ -37,6 +37,23 @@ class DaemonProcess(LocalDaemon):
 
     def __init__(self, root: Path, extra_env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> None:
         super().__init__(root, args=list(extra_args or []), env={**TEST_ENV, **(extra_env or {})})
+
+
+def start_on_tcp(root: Path, extra_env: dict[str, str] | None = None, attempts: int = 3) -> tuple[DaemonProcess, int]:
+    """A daemon listening on ``127.0.0.1:<a free port>`` as well as its socket, and that port.
+
+    A port found free can be taken (by any process's outgoing connection) before the daemon binds
+    it; the daemon then exits with "Failed to bind" and this tries another port."""
+    for attempt in range(attempts):
+        port = free_port()
+        daemon = DaemonProcess(root, extra_env=extra_env, extra_args=["--tcp", f"127.0.0.1:{port}"])
+        try:
+            daemon.start()
+            return daemon, port
+        except RuntimeError as exc:
+            if "Failed to bind" not in str(exc) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture

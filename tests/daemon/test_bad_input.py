@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from kvtier.blocks import hash_prompt
 from kvtier.client import DaemonClient, ReserveStatus
 from kvtier.errors import AuthenticationError, CorruptBlockError, DaemonError, InvalidRequestError, LayoutError, LeaseError
 from kvtier.v1 import daemon_pb2 as pb
-from tests.daemon.conftest import LAYOUT, DaemonProcess, free_port
+from tests.daemon.conftest import LAYOUT, DaemonProcess, start_on_tcp
 
 HASHES = hash_prompt(list(range(16 * 4)), 16)
 
@@ -131,9 +132,7 @@ def test_malformed_bytes(daemon: DaemonProcess, client: DaemonClient) -> None:
 
 def test_tcp_requires_authentication(daemon_root) -> None:
     token = secrets.token_urlsafe(24)
-    port = free_port()
-    daemon = DaemonProcess(daemon_root, extra_env={"KVTIER_DAEMON_AUTH_TOKEN": token}, extra_args=["--tcp", f"127.0.0.1:{port}"])
-    daemon.start()
+    daemon, port = start_on_tcp(daemon_root, extra_env={"KVTIER_DAEMON_AUTH_TOKEN": token})
     try:
         with DaemonClient(f"127.0.0.1:{port}") as anonymous:
             assert anonymous.health()  # probes need no credentials
@@ -159,6 +158,20 @@ def test_tcp_without_credentials_refuses_to_start(daemon_root) -> None:
     )
     assert result.returncode == 2
     assert "unauthenticated" in result.stderr and "KVTIER_DAEMON_AUTH_TOKEN" in result.stderr
+
+
+def test_a_tcp_port_in_use_is_a_clear_error(daemon_root) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = subprocess.run(
+            [sys.executable, "-m", "kvtier", "serve", "--socket", str(daemon_root / "s.sock"), "--tcp", address, "--no-metrics",
+             "--host-capacity", "32MiB", "--no-disk"],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "KVTIER_DAEMON_AUTH_TOKEN": secrets.token_urlsafe(24)},
+        )
+    assert result.returncode == 2
+    assert f"daemon.tcp_address '{address}': cannot listen there" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bad_configuration_is_reported(daemon_root) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from kvtier.client import DaemonClient
 from kvtier.errors import DaemonUnavailableError
-from tests.daemon.conftest import LAYOUT, DaemonProcess, free_port
+from tests.daemon.conftest import LAYOUT, start_on_tcp
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -59,21 +59,21 @@ def test_mutual_tls(daemon_root: Path) -> None:
     files = {"server.key": server_key, "server.crt": server_cert, "ca.crt": ca_pem}
     for name, data in files.items():
         (daemon_root / name).write_bytes(data)
-    port = free_port()
-    daemon = DaemonProcess(daemon_root, extra_args=["--tcp", f"localhost:{port}"], extra_env={
+    # 127.0.0.1, not localhost: grpc binding "localhost:N" succeeds on [::1] alone when another
+    # process holds 127.0.0.1:N, and IPv4 clients are then refused.
+    daemon, port = start_on_tcp(daemon_root, extra_env={
         "KVTIER_DAEMON_TLS_CERT_FILE": str(daemon_root / "server.crt"),
         "KVTIER_DAEMON_TLS_KEY_FILE": str(daemon_root / "server.key"),
         "KVTIER_DAEMON_TLS_CLIENT_CA_FILE": str(daemon_root / "ca.crt"),
     })
-    daemon.start()
     try:
-        with DaemonClient(f"localhost:{port}", tls_root_certificates=ca_pem, tls_client_cert=(client_key, client_cert)) as trusted:
+        with DaemonClient(f"127.0.0.1:{port}", tls_root_certificates=ca_pem, tls_client_cert=(client_key, client_cert)) as trusted:
             assert trusted.register_layout(LAYOUT).layout_id == LAYOUT.layout_id
-        with DaemonClient(f"localhost:{port}", tls_root_certificates=ca_pem, timeout_s=3) as anonymous:
+        with DaemonClient(f"127.0.0.1:{port}", tls_root_certificates=ca_pem, timeout_s=3) as anonymous:
             with pytest.raises(DaemonUnavailableError):
                 anonymous.stats()
         stranger_key, stranger_cert = issue(make_ca("another-ca"), "intruder")
-        with DaemonClient(f"localhost:{port}", tls_root_certificates=ca_pem, tls_client_cert=(stranger_key, stranger_cert),
+        with DaemonClient(f"127.0.0.1:{port}", tls_root_certificates=ca_pem, tls_client_cert=(stranger_key, stranger_cert),
                           timeout_s=3) as stranger:
             with pytest.raises(DaemonUnavailableError):
                 stranger.stats()

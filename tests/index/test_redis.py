@@ -31,6 +31,8 @@ def namespace() -> str:
 @pytest.fixture
 def replicas(redis_url: str, namespace: str) -> Iterator[list[RedisIndex]]:
     made = [RedisIndex.from_url(redis_url, namespace=namespace, heartbeat_ttl_s=30) for _ in range(2)]
+    # Built before a test writes: a replica that builds later starts from a snapshot and never tails older entries.
+    assert all(replica.wait_synced(10) for replica in made)
     yield made
     for replica in made:
         replica.close()
