@@ -1,8 +1,7 @@
 """The block-hash chain in C, for routers and the index: thousands of blocks per query.
 
-``csrc/kvtier_hash.c`` is compiled on first use with the system C compiler against OpenSSL's
-libcrypto into ``~/.cache/kvtier/`` (named by the source's digest, so an edited source is
-rebuilt) and loaded with ctypes. Where there is no compiler or no libcrypto headers, or on a
+``csrc/kvtier_hash.c`` is compiled on first use against OpenSSL's libcrypto (:mod:`kvtier.native`)
+and loaded with ctypes. Where there is no compiler or no libcrypto headers, or on a
 big-endian host, :func:`chain` returns None and callers use the Python implementation, which
 produces the same bytes (``tests/blocks/test_hashing.py`` checks both against the spec vectors).
 """
@@ -10,44 +9,22 @@ produces the same bytes (``tests/blocks/test_hashing.py`` checks both against th
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
-from pathlib import Path
 
-from kvtier.config import default_cache_dir
+from kvtier import native
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "kvtier_hash.c"
 _lock = threading.Lock()
 _function: ctypes._CFuncPtr | None = None
 _tried = False
 
 
 def _build() -> ctypes._CFuncPtr | None:
-    if sys.byteorder != "little" or not _SOURCE.exists():
+    library = native.build("kvtier_hash.c", "libkvtier_hash", ["-Wno-deprecated-declarations"], ["crypto"])
+    if library is None:
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return None
-    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
-    library = default_cache_dir() / f"libkvtier_hash-{digest}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-            built = Path(tmp) / library.name
-            command = [compiler, "-O2", "-shared", "-fPIC", "-Wno-deprecated-declarations", str(_SOURCE), "-o", str(built), "-lcrypto"]
-            result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
-            if result.returncode != 0:
-                log.debug("the C block hasher did not build (%s); hashing in Python", result.stderr.strip()[:500])
-                return None
-            os.replace(built, library)
     function = ctypes.CDLL(str(library)).kvtier_hash_chain
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint64,
@@ -63,7 +40,7 @@ def available() -> bool:
             if not _tried:
                 try:
                     _function = _build()
-                except (OSError, subprocess.SubprocessError) as exc:
+                except OSError as exc:  # the library built but does not load
                     log.debug("the C block hasher is unavailable (%s); hashing in Python", exc)
                     _function = None
                 _tried = True

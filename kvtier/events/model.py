@@ -20,6 +20,7 @@ nothing), so replays and overlapping re-syncs never leave counts wrong.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -89,13 +90,20 @@ def index_keys_of_joined(joined: bytes) -> list[int]:
     """Index keys of concatenated 16-byte hashes (:func:`~kvtier.blocks.hashing.hash_prompt_joined`)."""
     if len(joined) % BLOCK_HASH_BYTES:
         raise InvalidRequestError(f"joined block hashes must be a multiple of {BLOCK_HASH_BYTES} bytes, got {len(joined)}")
-    return list(struct.unpack(">" + "Q8x" * (len(joined) // BLOCK_HASH_BYTES), joined))
+    return list(_keys_struct(len(joined) // BLOCK_HASH_BYTES).unpack(joined))
+
+
+@functools.lru_cache(maxsize=64)
+def _keys_struct(count: int) -> struct.Struct:
+    return struct.Struct(">" + "Q8x" * count)
 
 
 def index_keys(block_hashes: list[bytes]) -> list[int]:
     """Index keys of many hashes (16 bytes, or already-shortened 8-byte ones)."""
-    if block_hashes and set(map(len, block_hashes)) == {BLOCK_HASH_BYTES}:
-        return index_keys_of_joined(b"".join(block_hashes))  # one C call
+    if block_hashes and max(map(len, block_hashes)) == BLOCK_HASH_BYTES:
+        joined = b"".join(block_hashes)
+        if len(joined) == BLOCK_HASH_BYTES * len(block_hashes):  # none longer, so every one is 16 bytes
+            return index_keys_of_joined(joined)  # one C call
     keys = []
     for block_hash in block_hashes:
         if len(block_hash) not in (BLOCK_HASH_BYTES, INDEX_KEY_BYTES):

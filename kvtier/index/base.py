@@ -21,10 +21,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 from kvtier.blocks.hashing import NO_EXTRAS, HashExtras, hash_prompt_joined
 from kvtier.errors import InvalidRequestError
-from kvtier.events.model import BlockEvent, IndexTier, NodeInfo, PublishBatch, Space, index_keys, index_keys_of_joined
+from kvtier.events.model import BlockEvent, IndexTier, NodeInfo, PublishBatch, Space
+from kvtier.index.walk import Blocks
 
 DEFAULT_TIER_WEIGHTS: dict[IndexTier, float] = {
     # The share of recomputing a block that holding it saves, from benchmarks/ttft.py on this
@@ -42,9 +44,9 @@ class ApplyStatus(Enum):
     RESYNC = "resync"  # unknown session or a gap in seq: send the full state again
 
 
-@dataclass(frozen=True, slots=True)
-class TierRun:
-    """``blocks`` consecutive blocks of a node's cached prefix, from block ``start``, held in ``tier``."""
+class TierRun(NamedTuple):
+    """``blocks`` consecutive blocks of a node's cached prefix, from block ``start``, held in
+    ``tier`` (a named tuple: a score builds dozens of these per query)."""
 
     tier: IndexTier
     start: int
@@ -97,8 +99,12 @@ class KVIndex(ABC):
         """
 
     @abstractmethod
+    def score_blocks(self, space: Space, blocks: Blocks, candidates: Sequence[str] | None = None) -> list[NodeScore]:
+        """Every candidate node (default: every live node) with a cached prefix of ``blocks``
+        (joined 16-byte hashes, a list of hashes or a list of index keys), best first."""
+
     def score_keys(self, space: Space, keys: Sequence[int], candidates: Sequence[str] | None = None) -> list[NodeScore]:
-        """Every candidate node (default: every live node) with a cached prefix, best first."""
+        return self.score_blocks(space, list(keys), candidates)
 
     @abstractmethod
     def lookup(self, space: Space, keys: Sequence[int]) -> list[list[Holding]]:
@@ -128,7 +134,7 @@ class KVIndex(ABC):
         return Space(model, sizes[0])
 
     def score_hashes(self, space: Space, block_hashes: Sequence[bytes], candidates: Sequence[str] | None = None) -> list[NodeScore]:
-        return self.score_keys(space, index_keys(list(block_hashes)), candidates)
+        return self.score_blocks(space, list(block_hashes), candidates)
 
     def score_tokens(
         self,
@@ -141,4 +147,4 @@ class KVIndex(ABC):
     ) -> list[NodeScore]:
         """Hash ``token_ids`` with kvtier's spec (``docs/block-identity.md``) and score the blocks."""
         space = self.space_of(model, block_size)
-        return self.score_keys(space, index_keys_of_joined(hash_prompt_joined(token_ids, space.block_size, extras)), candidates)
+        return self.score_blocks(space, hash_prompt_joined(token_ids, space.block_size, extras), candidates)

@@ -20,8 +20,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import compress, repeat
-from operator import ne
 
 from kvtier.errors import InvalidRequestError
 from kvtier.events.model import (
@@ -36,6 +34,7 @@ from kvtier.events.model import (
     is_engine_source,
 )
 from kvtier.index.base import DEFAULT_TIER_WEIGHTS, ApplyStatus, Holding, KVIndex, NodeScore, NodeStatus, TierRun
+from kvtier.index.walk import Blocks, walk
 
 _TIERS = tuple(IndexTier)
 _INITIAL_WIDTH = 64
@@ -298,10 +297,11 @@ class MemoryIndex(KVIndex):
         self._alive_cache = (until, mask, readers)
         return mask, readers
 
-    def score_keys(self, space: Space, keys: Sequence[int], candidates: Sequence[str] | None = None) -> list[NodeScore]:
+    def score_blocks(self, space: Space, blocks: Blocks, candidates: Sequence[str] | None = None) -> list[NodeScore]:
         with self._lock:
-            blocks = self._blocks.get(space)
-            if not blocks or not keys:
+            table = self._blocks.get(space)
+            if not table or not blocks:
+                walk(table or {}, blocks)  # a malformed query is refused whatever the index holds
                 return []
             alive, readers = self._alive()
             if candidates is not None:
@@ -312,19 +312,13 @@ class MemoryIndex(KVIndex):
                         wanted |= 1 << holder.slot
                 alive &= wanted
             width, full = self._width, (1 << self._width) - 1
-            # C-level passes (a mask is never 0: a key nobody holds is deleted); the walk below
-            # visits only the blocks where the holders change, and the prefix ends at the first 0.
-            masks = list(map(blocks.get, keys, repeat(0, len(keys))))
-            try:
-                held_blocks = masks.index(0)
-            except ValueError:
-                held_blocks = len(masks)
-            points = list(compress(range(1, held_blocks), map(ne, masks[1:held_blocks], masks[: held_blocks - 1])))
+            # One pass over the blocks (in C where it builds); the loop below visits only the
+            # blocks where the holders change, and the prefix ends at the first block nobody holds.
+            held_blocks, points, point_masks = walk(table, blocks)
             changes: list[tuple[int, tuple[int, int, int, int]]] = []  # (block, best-tier masks) where they change
             ends: dict[int, int] = {}  # slot -> prefix length, for slots that dropped out
             tiers_now = (0, 0, 0, 0)
-            for index in [0, *points] if held_blocks else ():
-                mask = masks[index]
+            for index, mask in zip(points, point_masks, strict=True):
                 gpu, host, disk, shared = mask & full, (mask >> width) & full, (mask >> 2 * width) & full, mask >> 3 * width
                 s3 = _expand(shared, readers) if shared else 0
                 host &= ~gpu

@@ -42,6 +42,7 @@ from kvtier.index.redis_store import (
     source_key_fields,
     unavailable,
 )
+from kvtier.index.walk import Blocks
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,8 @@ class RedisIndex(KVIndex):
 
     # ---- queries come from the view ----------------------------------------------------------
 
-    def score_keys(self, space: Space, keys: Sequence[int], candidates: Sequence[str] | None = None) -> list[NodeScore]:
-        return self.view.score_keys(space, keys, candidates)
+    def score_blocks(self, space: Space, blocks: Blocks, candidates: Sequence[str] | None = None) -> list[NodeScore]:
+        return self.view.score_blocks(space, blocks, candidates)
 
     def lookup(self, space: Space, keys: Sequence[int]) -> list[list[Holding]]:
         return self.view.lookup(space, keys)
