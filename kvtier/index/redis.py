@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.errors import InvalidRequestError, KVTierError
-from kvtier.events.model import BlockEvent, IndexTier, NodeInfo, Op, PublishBatch, Space, is_engine_source
+from kvtier.events.model import INDEX_KEY_BYTES, BlockEvent, IndexTier, NodeInfo, Op, PublishBatch, Space, is_engine_source
 from kvtier.events.wire import decode_batch, decode_heartbeat, unpack_keys
 from kvtier.index.base import ApplyStatus, Holding, KVIndex, NodeScore, NodeStatus
 from kvtier.index.memory import MemoryIndex
@@ -193,8 +193,14 @@ class RedisIndex(KVIndex):
     def _source_event(self, key: bytes) -> BlockEvent:
         _holder, model, block_size, source, tier = source_key_fields(self.prefix, key)
         members: list[int] = []
-        for page in self.client.sscan_iter(key, count=_SCAN_PAGE):
-            members.extend(unpack_keys(page))
+        cursor = 0
+        while True:  # pages of members, each unpacked in one call
+            cursor, page = self.client.sscan(key, cursor, count=_SCAN_PAGE)
+            if page and set(map(len, page)) != {INDEX_KEY_BYTES}:
+                raise InvalidRequestError(f"{key!r} holds a member that is not an {INDEX_KEY_BYTES}-byte index key")
+            members.extend(unpack_keys(b"".join(page)))
+            if not int(cursor):
+                break
         return BlockEvent(Op.STORED, IndexTier(tier), Space(model, block_size), source, members)
 
     def _tail(self) -> None:

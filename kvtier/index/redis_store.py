@@ -203,7 +203,7 @@ def redis_client(url: str, *, password_file: Path | None = None, tls_ca_file: Pa
     except ImportError:
         from kvtier.errors import MissingDependencyError
 
-        raise MissingDependencyError("a Redis index store needs the redis package: pip install redis") from None
+        raise MissingDependencyError("a Redis index store needs the redis package: pip install 'kvtier[redis]'") from None
     options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "health_check_interval": 30}
     password = os.environ.get(PASSWORD_ENV)
     if password_file is not None:
