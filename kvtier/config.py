@@ -217,6 +217,8 @@ class PublishConfig(_Section):
     auth_token: SecretStr | None = None  # the index's bearer token (prefer KVTIER_PUBLISH_AUTH_TOKEN)
     auth_token_file: Path | None = None
     tls_ca_file: Path | None = None  # to verify a TLS index (or rediss://)
+    tls_cert_file: Path | None = None  # client certificate and key, for an index that requires mutual TLS
+    tls_key_file: Path | None = None
     redis_password_file: Path | None = None
     namespace: str = "kvtier"  # Redis key prefix, as the index's
     interval_s: float = Field(default=0.2, gt=0)  # batches go out at most this often

@@ -24,6 +24,7 @@ import contextlib
 import http.client
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -104,9 +105,10 @@ def _http_answers(url: str) -> bool:
         return False
 
 
-def _redis_answers(port: int) -> bool:
+def _redis_answers(port: int, tls_ca_file: Path | None = None) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as raw:
+            sock = ssl.create_default_context(cafile=str(tls_ca_file)).wrap_socket(raw, server_hostname="127.0.0.1") if tls_ca_file else raw
             sock.sendall(b"PING\r\n")
             return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
@@ -133,18 +135,26 @@ def moto_server(timeout_s: float = 30.0) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def redis_server(timeout_s: float = 30.0, port: int | None = None, password: str | None = None) -> Iterator[str]:
+def redis_server(timeout_s: float = 30.0, port: int | None = None, password: str | None = None,
+                 tls: tuple[Path, Path, Path] | None = None) -> Iterator[str]:
     """Run ``redis-server`` (no persistence) on ``port`` (default a free one); yield
-    ``redis://127.0.0.1:PORT/0``. Starting it again on the same port is a Redis restart."""
+    ``redis://127.0.0.1:PORT/0``. Starting it again on the same port is a Redis restart.
+    ``tls=(cert, key, ca)``: TLS only on that port (clients need no certificate); yields ``rediss://``."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise ServerBinaryMissing("redis-server not found: apt-get install -y redis-server")
     port = port or free_port()
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    argv = [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    if tls:
+        cert, key, ca = tls
+        argv += ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                 "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+    else:
+        argv += ["--port", str(port)]
     if password:
         argv += ["--requirepass", password]
-    with _process(argv, "redis-server", lambda: _redis_answers(port), timeout_s):
-        yield f"redis://127.0.0.1:{port}/0"
+    with _process(argv, "redis-server", lambda: _redis_answers(port, tls[2] if tls else None), timeout_s):
+        yield f"{'rediss' if tls else 'redis'}://127.0.0.1:{port}/0"
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):

@@ -56,14 +56,23 @@ def _client(args: argparse.Namespace) -> IndexClient:
         target: str | Path = args.index
     else:
         target = Path(load_config(args.config).daemon.socket_path)
-    token = os.environ.get("KVTIER_INDEX_AUTH_TOKEN")
-    if args.token_file:
-        try:
-            token = Path(args.token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from exc
-    ca = Path(args.tls_ca_file).read_bytes() if args.tls_ca_file else None
-    return IndexClient(target, token=token, tls_root_certificates=ca, timeout_s=args.timeout)
+    token_file = _read(args.token_file, "--token-file")
+    token = token_file.decode().strip() if token_file is not None else os.environ.get("KVTIER_INDEX_AUTH_TOKEN")
+    ca, cert, key = (_read(path, flag) for path, flag in ((args.tls_ca_file, "--tls-ca-file"), (args.tls_cert_file, "--tls-cert-file"),
+                                                          (args.tls_key_file, "--tls-key-file")))
+    if (cert is None) != (key is None):
+        raise ConfigError("pass both --tls-cert-file and --tls-key-file for mutual TLS")
+    return IndexClient(target, token=token, tls_root_certificates=ca, tls_client_cert=(key, cert) if cert else None,
+                       timeout_s=args.timeout)
+
+
+def _read(path: str | None, flag: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {flag} {path}: {exc.strerror}") from exc
 
 
 def read_token_ids(path: str) -> list[int]:
@@ -176,6 +185,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("--config", help="TOML configuration file (for the local daemon's socket)")
         sub.add_argument("--token-file", help="the index's bearer token (or KVTIER_INDEX_AUTH_TOKEN)")
         sub.add_argument("--tls-ca-file", help="CA bundle to verify a TLS index")
+        sub.add_argument("--tls-cert-file", help="client certificate, for an index that requires mutual TLS")
+        sub.add_argument("--tls-key-file", help="the client certificate's private key")
         sub.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the index")
         sub.add_argument("--json", action="store_true", help="print JSON")
         sub.set_defaults(handler=handler)

@@ -93,3 +93,18 @@ def server_credentials(config: ListenerSecurity, section: str = "daemon") -> grp
     except OSError as exc:
         raise ConfigError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from exc
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def listen(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None, setting: str) -> int:
+    """Add the TCP port ``address`` to ``server`` (TLS when ``credentials``); the bound port.
+    ``setting`` names the option in errors (``daemon.tcp_address``, ``index.address``)."""
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
+        port, reason = 0, f" ({exc})"
+    else:
+        reason = ""
+    if not port:
+        raise ConfigError(f"{setting} {address!r}: cannot listen there{reason}; is the port in use, or the host not one of "
+                          "this machine's addresses?")
+    return port

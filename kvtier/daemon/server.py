@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvtier.chain.factory import build_chain
 from kvtier.config import KVTierConfig
-from kvtier.daemon.auth import BearerTokenInterceptor, resolve_token, server_credentials
+from kvtier.daemon.auth import BearerTokenInterceptor, listen, resolve_token, server_credentials
 from kvtier.daemon.core import DaemonCore
 from kvtier.daemon.detach import apply_cpu_affinity
 from kvtier.daemon.fast_server import FastPathServer
@@ -149,14 +149,7 @@ class DaemonServer:
             if daemon_config.tcp_address:
                 interceptors = (BearerTokenInterceptor(token),) if token else ()
                 remote = self._new_server(servicer, options, interceptors)
-                try:
-                    if tls is not None:
-                        self.tcp_port = remote.add_secure_port(daemon_config.tcp_address, tls)
-                    else:
-                        self.tcp_port = remote.add_insecure_port(daemon_config.tcp_address)
-                except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
-                    raise ConfigError(f"daemon.tcp_address {daemon_config.tcp_address!r}: cannot listen there ({exc}); "
-                                      "is the port in use, or the host not one of this machine's addresses?") from None
+                self.tcp_port = listen(remote, daemon_config.tcp_address, tls, "daemon.tcp_address")
                 remote.start()
             if daemon_config.metrics_address:
                 self._metrics_server, _ = serve_metrics(daemon_config.metrics_address, self.core)

@@ -43,13 +43,20 @@ def open_sink(config: KVTierConfig) -> tuple[PublishSink, str, MemoryIndex | Non
     from kvtier.index.client import IndexClient
 
     token = resolve_token(publish, "publish")
-    ca = None
-    if publish.tls_ca_file is not None:
-        try:
-            ca = Path(publish.tls_ca_file).read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read publish.tls_ca_file {publish.tls_ca_file}: {exc.strerror}") from exc
+    ca = _read(publish.tls_ca_file, "publish.tls_ca_file")
+    cert, key = _read(publish.tls_cert_file, "publish.tls_cert_file"), _read(publish.tls_key_file, "publish.tls_key_file")
+    if (cert is None) != (key is None):
+        raise ConfigError("set both publish.tls_cert_file and publish.tls_key_file for mutual TLS")
     if token is None and ca is None and not target.startswith("unix:"):
         raise ConfigError(f"publish.index {target!r} is a TCP index: set KVTIER_PUBLISH_AUTH_TOKEN (or publish.auth_token_file), "
-                          "the token `kvtier index serve` was started with")
-    return IndexClient(target, token=token, tls_root_certificates=ca), target, None
+                          "the token `kvtier index serve` was started with, or publish.tls_ca_file (+ tls_cert_file, tls_key_file)")
+    return IndexClient(target, token=token, tls_root_certificates=ca, tls_client_cert=(key, cert) if cert else None), target, None
+
+
+def _read(path: Path | None, setting: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {setting} {path}: {exc.strerror}") from exc

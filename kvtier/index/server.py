@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvtier.config import KVTierConfig
-from kvtier.daemon.auth import BearerTokenInterceptor, resolve_token, server_credentials
+from kvtier.daemon.auth import BearerTokenInterceptor, listen, resolve_token, server_credentials
 from kvtier.errors import ConfigError
 from kvtier.index.base import KVIndex
 from kvtier.index.factory import make_index
@@ -73,9 +73,7 @@ class IndexServer:
         add_index_service(self.index, server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        self.port = server.add_secure_port(settings.address, tls) if tls else server.add_insecure_port(settings.address)
-        if not self.port:
-            raise ConfigError(f"index.address {settings.address!r}: cannot listen there")
+        self.port = listen(server, settings.address, tls, "index.address")
         server.start()
         self._server = server
         if isinstance(self.index, MemoryIndex):

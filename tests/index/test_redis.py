@@ -183,6 +183,33 @@ def test_the_store_takes_credentials_from_a_file_and_keeps_them_out_of_errors(tm
         anonymous.close()
 
 
+def test_a_replica_reads_and_writes_redis_over_tls(tmp_path, namespace: str) -> None:
+    from tests.certs import ca_pem, issue, make_ca
+
+    ca = make_ca("redis-test-ca")
+    key, cert = issue(ca, "redis")
+    files = {"redis.key": key, "redis.crt": cert, "ca.crt": ca_pem(ca)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with redis_server(tls=(tmp_path / "redis.crt", tmp_path / "redis.key", tmp_path / "ca.crt")) as url:
+        assert url.startswith("rediss://")
+        replica = RedisIndex.from_url(url, tls_ca_file=tmp_path / "ca.crt", namespace=namespace)
+        try:
+            prompt = keys(4)
+            Node(replica, "a").start(stored(IndexTier.DISK, prompt))
+            assert replica.wait_synced(10)
+            assert replica.score_keys(SPACE, prompt)[0].runs == [TierRun(IndexTier.DISK, 0, 4)]
+        finally:
+            replica.close()
+        # A certificate the client cannot verify (the system's CAs do not know this one), and
+        # plaintext against the TLS port: refused with the typed error, not written.
+        for untrusted in (RedisStore.from_url(url, namespace=namespace), RedisStore.from_url(url.replace("rediss://", "redis://"),
+                                                                                             namespace=namespace)):
+            with pytest.raises(IndexUnavailableError):
+                Node(untrusted, "b").start(stored(IndexTier.HOST, prompt))
+            untrusted.close()
+
+
 def test_a_publisher_cut_off_catches_up_with_nothing_lost(redis_url: str, namespace: str) -> None:
     """The daemon's publisher against a Redis store that goes away and comes back (a restart)."""
     from kvtier.blocks.hashing import hash_prompt

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 
 from kvtier.blocks.hashing import hash_prompt
 from kvtier.blocks.layout import KVLayout
-from kvtier.errors import AuthenticationError, InvalidRequestError
+from kvtier.errors import AuthenticationError, IndexServiceError, InvalidRequestError
 from kvtier.events.model import IndexTier
 from kvtier.index.client import IndexClient
 from kvtier.index.service import tier_to_proto
@@ -40,19 +41,29 @@ def fill(daemon: LocalDaemon, blocks: int) -> None:
         client.write_blocks(layout_id, {h: bytes(LAYOUT.block_nbytes) for h in hash_prompt(PROMPT, 16)[:blocks]})
 
 
+@contextlib.contextmanager
+def running_index(tmp_path: Path, env: dict[str, str], **client_options) -> Iterator[str]:
+    """``kvtier index serve`` on a free port with ``env``, once a client made with
+    ``client_options`` gets answers; yields its address."""
+    port = free_port()
+    log = open(tmp_path / "index.log", "wb")  # noqa: SIM115 - the server writes to it until the block ends
+    process = subprocess.Popen([sys.executable, "-m", "kvtier", "index", "serve", "--address", f"127.0.0.1:{port}", "--ttl", "2"],
+                               env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    try:
+        with IndexClient(address, timeout_s=1, **client_options) as client:
+            assert wait_until(lambda: _answers(client), timeout=30), (tmp_path / "index.log").read_text()
+        yield address
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
 @pytest.fixture
 def index_service(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    log = open(tmp_path / "index.log", "wb")  # noqa: SIM115 - the server writes to it until the fixture ends
-    process = subprocess.Popen([sys.executable, "-m", "kvtier", "index", "serve", "--address", f"127.0.0.1:{port}", "--ttl", "2"],
-                               env={**os.environ, "KVTIER_INDEX_AUTH_TOKEN": TOKEN}, stdout=log, stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
-    with IndexClient(address, token=TOKEN, timeout_s=1) as client:
-        assert wait_until(lambda: _answers(client), timeout=30), (tmp_path / "index.log").read_text()
-    yield address
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    with running_index(tmp_path, {"KVTIER_INDEX_AUTH_TOKEN": TOKEN}, token=TOKEN) as address:
+        yield address
 
 
 def _answers(client: IndexClient) -> bool:
@@ -137,6 +148,46 @@ def test_the_index_refuses_bad_credentials_and_bad_queries(index_service: str) -
             client._call("Heartbeat", pb.HeartbeatRequest(heartbeat=b"\x93\x01\x02\x03"))
         assert client.nodes() == []  # still serving, nothing applied
     assert tier_to_proto(IndexTier.GPU) == pb.TIER_GPU
+
+
+def test_the_index_with_mutual_tls_admits_only_clients_with_a_certificate_from_its_ca(tmp_path: Path) -> None:
+    from tests.certs import ca_pem, issue, make_ca
+
+    ca = make_ca("index-test-ca")
+    files = dict(zip(("server.key", "server.crt"), issue(ca, "kvtier-index"), strict=True)) | {"ca.crt": ca_pem(ca)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    env = {"KVTIER_INDEX_TLS_CERT_FILE": str(tmp_path / "server.crt"), "KVTIER_INDEX_TLS_KEY_FILE": str(tmp_path / "server.key"),
+           "KVTIER_INDEX_TLS_CLIENT_CA_FILE": str(tmp_path / "ca.crt")}
+    env = {**{k: "" for k in os.environ if k.startswith("KVTIER_INDEX_")}, **env}  # mTLS alone, no token
+    router = issue(ca, "router")
+    files = dict(zip(("daemon.key", "daemon.crt"), issue(ca, "node-a"), strict=True))
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with running_index(tmp_path, env, tls_root_certificates=ca_pem(ca), tls_client_cert=router) as address:
+        # A daemon publishing with its own certificate (no token anywhere).
+        daemon = LocalDaemon(tmp_path / "a", host_capacity="32MiB", args=["--node-name", "node-a", "--index", address], env={
+            "KVTIER_PUBLISH_TLS_CA_FILE": str(tmp_path / "ca.crt"), "KVTIER_PUBLISH_TLS_CERT_FILE": str(tmp_path / "daemon.crt"),
+            "KVTIER_PUBLISH_TLS_KEY_FILE": str(tmp_path / "daemon.key")})
+        daemon.start()
+        try:
+            fill(daemon, 6)
+            with IndexClient(address, tls_root_certificates=ca_pem(ca), tls_client_cert=router) as trusted:
+                assert wait_until(lambda: [(s.node, s.blocks) for s in trusted.score("test/tiny", token_ids=PROMPT)] == [("node-a", 6)],
+                                  timeout=20)
+        finally:
+            daemon.stop()
+        cli_tls = ["--tls-ca-file", str(tmp_path / "ca.crt"), "--tls-cert-file", str(tmp_path / "daemon.crt"),
+                   "--tls-key-file", str(tmp_path / "daemon.key")]
+        nodes = kvtier_cli("index", "nodes", "--index", address, *cli_tls, "--json")
+        assert nodes.returncode == 0 and json.loads(nodes.stdout)[0]["node"] == "node-a", nodes.stderr
+        half = kvtier_cli("index", "nodes", "--index", address, *cli_tls[:4])
+        assert half.returncode == 2 and "both --tls-cert-file and --tls-key-file" in half.stderr
+        for refused in ({"tls_root_certificates": ca_pem(ca)},  # no certificate
+                        {"tls_root_certificates": ca_pem(ca), "tls_client_cert": issue(make_ca("another-ca"), "intruder")},
+                        {}):  # plaintext
+            with IndexClient(address, timeout_s=3, **refused) as stranger, pytest.raises(IndexServiceError):
+                stranger.nodes()
 
 
 def test_an_index_on_tcp_without_credentials_does_not_start(tmp_path: Path) -> None:
