@@ -38,6 +38,7 @@ from kvtier.index.walk import Blocks, walk
 
 _TIERS = tuple(IndexTier)
 _INITIAL_WIDTH = 64
+_MAX_SHARED_MASKS = 1 << 20
 
 SourceKey = tuple[Space, str, IndexTier]
 
@@ -87,6 +88,7 @@ class MemoryIndex(KVIndex):
         self._free_slots: list[int] = []
         self._blocks: dict[Space, dict[int, int]] = {}
         self._extra: dict[tuple[Space, int, int], int] = {}  # (space, key, bit position) -> sources beyond the first
+        self._masks: dict[int, int] = {}  # one object per distinct mask, see _shared
         self._nodes: dict[str, _Node] = {}
         self._alive_cache: tuple[float, int, dict[int, int]] | None = None  # (valid until, node mask, location -> nodes)
 
@@ -176,10 +178,19 @@ class MemoryIndex(KVIndex):
             if held is not None:
                 self._remove(event.space, held, event.keys, position)
 
+    def _shared(self) -> dict[int, int]:
+        """Masks are stored as one object per distinct value (a prompt's blocks are mostly held by
+        the same holders): less memory per key, and a Score's walk compares equal neighbours by
+        identity without touching another object. A cache only: cleared when it grows large."""
+        if len(self._masks) > _MAX_SHARED_MASKS:
+            self._masks.clear()
+        return self._masks
+
     def _add(self, space: Space, held: set[int], keys: Iterable[int], position: int) -> None:
         blocks = self._blocks.setdefault(space, {})
         bit = 1 << position
         extra = self._extra
+        shared = self._shared().setdefault
         for key in keys:
             if key in held:
                 continue
@@ -189,12 +200,14 @@ class MemoryIndex(KVIndex):
                 extra_key = (space, key, position)
                 extra[extra_key] = extra.get(extra_key, 0) + 1
             else:
-                blocks[key] = mask | bit
+                mask |= bit
+                blocks[key] = shared(mask, mask)
 
     def _remove(self, space: Space, held: set[int], keys: Iterable[int], position: int) -> None:
         blocks = self._blocks.get(space, {})
         clear = ~(1 << position)
         extra = self._extra
+        shared = self._shared().setdefault
         for key in keys:
             if key not in held:
                 continue
@@ -209,7 +222,7 @@ class MemoryIndex(KVIndex):
                 continue
             mask = blocks.get(key, 0) & clear
             if mask:
-                blocks[key] = mask
+                blocks[key] = shared(mask, mask)
             else:
                 blocks.pop(key, None)
 
@@ -231,9 +244,12 @@ class MemoryIndex(KVIndex):
         """Re-encode every mask for ``width`` slots per tier (when holders outnumber slots)."""
         old = self._width
         old_full = (1 << old) - 1
+        self._masks.clear()
+        shared = self._masks.setdefault
         for blocks in self._blocks.values():
             for key, mask in blocks.items():
-                blocks[key] = sum(((mask >> (t * old)) & old_full) << (t * width) for t in range(len(_TIERS)))
+                widened = sum(((mask >> (t * old)) & old_full) << (t * width) for t in range(len(_TIERS)))
+                blocks[key] = shared(widened, widened)
         self._extra = {
             (space, key, (position // old) * width + position % old): count
             for (space, key, position), count in self._extra.items()
