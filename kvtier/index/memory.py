@@ -2,14 +2,15 @@
 
 Layout in memory. Every holder (a node, or a shared S3 location) gets a slot ``0..width-1``. Per
 space, ``blocks`` maps an index key to one int with bit ``tier * width + slot`` set for every
-holder that holds the key in that tier (about 130 bytes a key with the dict entry). A holder
+holder that holds the key in that tier; equal masks share one object. A holder
 holding a key in one tier through several sources (tensor-parallel ranks, engines) counts the
 extra sources in ``_extra``, so the bit clears only with the last. Each holder keeps the set of
 keys per ``(space, source, tier)``, which makes events idempotent and a reset or purge exact.
 
-Scoring walks the prompt's keys once and stops at the first key no live candidate holds. Work
-per block is a dict lookup and a few integer operations; the per-tier split is recomputed only
-where the holder bits change from one block to the next, which is rare along a prefix.
+Scoring walks the prompt's keys once (one C call, :mod:`kvtier.index.walk`) and stops at the
+first key nobody holds; the per-tier split is recomputed only where the holder bits change from
+one block to the next, which is rare along a prefix. With the key sets per holder a key costs
+about 170 bytes in all (``benchmarks/index.py``).
 
 Thread safety: one lock; writers hold it per batch, queries hold it for one walk.
 """
