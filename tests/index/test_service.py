@@ -103,6 +103,38 @@ def test_a_daemon_alone_answers_for_its_own_tiers(tmp_path: Path) -> None:
         daemon.stop()
 
 
+def test_the_cli_tokenizes_a_prompt_file_with_the_models_tokenizer(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    from kvtier.testing.tiny_model import tiny_model_path
+
+    model_dir = tiny_model_path(seed=0)
+    text = " ".join(f"the router asks which node holds prompt {i} of the shared document" for i in range(40))
+    tokens = transformers.AutoTokenizer.from_pretrained(model_dir)(text, add_special_tokens=True)["input_ids"]
+    assert len(tokens) >= 16 * 8, len(tokens)
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(text)
+    daemon = LocalDaemon(tmp_path / "d", host_capacity="32MiB", args=["--node-name", "node-a"])
+    daemon.start()
+    try:
+        with daemon.client() as client:
+            layout_id = client.register_layout(LAYOUT).layout_id
+            client.write_blocks(layout_id, {h: bytes(LAYOUT.block_nbytes) for h in hash_prompt(tokens, 16)[:8]})
+
+        def scored() -> list[dict]:
+            result = kvtier_cli("index", "score", "--index", f"unix:{daemon.socket_path}", "--model", "test/tiny",
+                                "--prompt-file", str(prompt_file), "--tokenizer", str(model_dir), "--json")
+            assert result.returncode == 0, result.stderr
+            return json.loads(result.stdout)["scores"]
+
+        assert wait_until(lambda: [(s["node"], s["blocks"]) for s in scored()] == [("node-a", 8)], timeout=20)
+        no_tokenizer = kvtier_cli("index", "score", "--index", f"unix:{daemon.socket_path}", "--model", "test/tiny",
+                                  "--prompt-file", str(prompt_file))
+        assert no_tokenizer.returncode == 2 and "--prompt-file needs --tokenizer" in no_tokenizer.stderr
+    finally:
+        daemon.stop()
+
+
 def test_daemons_publish_to_the_index_service_and_a_dead_one_leaves(tmp_path: Path, index_service: str) -> None:
     env = {"KVTIER_PUBLISH_AUTH_TOKEN": TOKEN, "KVTIER_PUBLISH_HEARTBEAT_S": "0.3"}
     a = LocalDaemon(tmp_path / "a", host_capacity="32MiB", args=["--node-name", "a", "--index", index_service], env=env)
