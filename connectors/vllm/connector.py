@@ -16,6 +16,7 @@ from connectors.vllm import step_timer
 from connectors.vllm.metadata import KVTierConnectorMetadata
 from connectors.vllm.settings import settings_from
 from connectors.vllm.stats import KVTierConnectorStats, build_stats
+from kvtier.errors import LayoutError
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +50,13 @@ class KVTierConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             from connectors.vllm.scheduler import SchedulerSide
 
-            self._scheduler = SchedulerSide(vllm_config, kv_cache_config, settings)
+            try:
+                self._scheduler = SchedulerSide(vllm_config, kv_cache_config, settings)
+            except LayoutError as exc:  # what the blocks are cannot be told: never guess
+                from connectors.vllm.disabled import DisabledScheduler
+
+                log.error("KVTierConnector disabled: %s; no block will be looked up, loaded or saved", exc)
+                self._scheduler = DisabledScheduler(str(exc))
             self._worker = None
         else:
             from connectors.vllm.worker import WorkerSide

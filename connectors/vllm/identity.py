@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from connectors.vllm.weights import weights_fingerprint
 from kvtier.blocks import HashExtras, KVLayout, MultimodalItem
 from kvtier.errors import LayoutError
 
@@ -22,9 +23,12 @@ def _dtype_name(dtype: object) -> str:
 
 
 def layout_for_rank(
-    vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, tp_rank: int, model_id: str | None = None
+    vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, tp_rank: int, model_id: str | None = None,
+    model_revision: str | None = None,
 ) -> KVLayout:
-    """The layout of one tensor-parallel rank's KV blocks (single-group, attention-only models)."""
+    """The layout of one tensor-parallel rank's KV blocks (single-group, attention-only models).
+    ``model_revision`` names the weights; by default it is a fingerprint of the weight files
+    (:mod:`connectors.vllm.weights`), and weights that cannot be found raise LayoutError."""
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
         raise LayoutError(f"KVTierConnector supports models with one KV cache group; this one has {len(groups)}")
@@ -34,12 +38,15 @@ def layout_for_rank(
             raise LayoutError(f"KVTierConnector needs attention KV caches; got {type(spec).__name__}")
     model = vllm_config.model_config
     parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size != 1:
+        raise LayoutError(f"pipeline parallelism ({parallel.pipeline_parallel_size} stages) is not supported: a stage holds only "
+                          "its own layers, which kvtier's layouts do not record yet; run with pipeline_parallel_size=1")
     cache_dtype = vllm_config.cache_config.cache_dtype
     dtype = _dtype_name(spec.dtype) if cache_dtype == "auto" else _CACHE_DTYPES.get(cache_dtype, _dtype_name(spec.dtype))
     head_size_v = getattr(spec, "head_size_v", None)
     return KVLayout(
         model=model_id or model.model,
-        model_revision=model.revision or "",
+        model_revision=model_revision or weights_fingerprint(model.model, model.revision),
         dtype=dtype,
         num_layers=len(groups[0].layer_names),
         num_kv_heads=spec.num_kv_heads,
@@ -49,7 +56,7 @@ def layout_for_rank(
         tp_rank=tp_rank,
         tp_size=parallel.tensor_parallel_size,
         pp_rank=0,
-        pp_size=parallel.pipeline_parallel_size,
+        pp_size=1,
         page_layout=kv_cache_config.kv_cache_layout or "LBHNC",
         kv_format="mla" if getattr(model, "use_mla", False) else "kv_concat",
     )

@@ -30,6 +30,9 @@ class ConnectorSettings(BaseModel):
     daemon_args: list[str] = Field(default_factory=list)  # extra `kvtier serve` flags for a daemon we start
     daemon_start_timeout_s: float = Field(default=60.0, gt=0)
     model_id: str | None = None  # name in the layout (default: vLLM's model); set it when paths differ per node
+    # The weights' identity in the layout (default: a fingerprint of the weight files, see
+    # connectors/vllm/weights.py); set it where the files are not on this machine.
+    model_revision: str | None = Field(default=None, min_length=1, max_length=200)
     # Deadline of each daemon call. A call past it is "late": no request waits for that daemon
     # until it answers a probe again; it is not treated as gone (only an unreachable one is).
     timeout_s: float = Field(default=2.0, gt=0)

@@ -43,13 +43,13 @@ from connectors.vllm.link import DaemonLink
 from connectors.vllm.metadata import AsyncLoaded, KVTierConnectorMetadata, KVTierWorkerMetadata, LoadSpec, SaveSpec
 from connectors.vllm.settings import ConnectorSettings
 from connectors.vllm.stats import StatsInterval
-from kvtier.blocks import payload_checksum
+from kvtier.blocks import KVLayout, payload_checksum
 from kvtier.client import DaemonClient, ReserveStatus
 from kvtier.client.commit_pipeline import COMMIT_CHUNK_BYTES
 from kvtier.client.types import FetchResult
 from kvtier.copy import describe_paged_kv, make_page_copier
 from kvtier.copy.base import CudaEventHandle
-from kvtier.errors import LeaseError
+from kvtier.errors import LayoutError, LeaseError
 from kvtier.tiers.arena import SharedArena
 
 if TYPE_CHECKING:
@@ -62,13 +62,17 @@ _SAVE_BATCH = 64  # save specs merged into one reserve/copy/commit round
 _CALL_SLACK_S = 0.1  # a fetch's deadline beyond the longest wait its budget allows
 
 
-def _tensor_parallel_rank() -> int:
+def _tensor_parallel_rank(tp_size: int) -> int:
+    """This worker's tensor-parallel rank; LayoutError where vLLM cannot say (a guess would load
+    another rank's heads)."""
     try:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
         return get_tensor_model_parallel_rank()
-    except (ImportError, AssertionError, RuntimeError):
-        return 0
+    except (ImportError, AssertionError, RuntimeError) as exc:
+        if tp_size == 1:
+            return 0
+        raise LayoutError(f"cannot tell this worker's tensor-parallel rank of {tp_size} ({type(exc).__name__}: {exc})") from None
 
 
 class _Mapping(NamedTuple):
@@ -116,10 +120,17 @@ class WorkerSide:
     def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, settings: ConnectorSettings) -> None:
         self.settings = settings
         self.kv_cache_config = kv_cache_config
-        rank = _tensor_parallel_rank()
-        self.layout = layout_for_rank(vllm_config, kv_cache_config, rank, settings.model_id)
-        self.link = DaemonLink(settings, [self.layout], client_id=f"vllm-worker-{rank}-{os.getpid()}")
         self.enabled = False
+        try:
+            rank = _tensor_parallel_rank(vllm_config.parallel_config.tensor_parallel_size)
+            self.layout: KVLayout | None = layout_for_rank(vllm_config, kv_cache_config, rank, settings.model_id,
+                                                          settings.model_revision)
+        except LayoutError as exc:  # what this rank's blocks are cannot be told: never guess
+            log.error("KVTierConnector disabled on this worker: %s; no block will be saved or loaded "
+                      "(loads the scheduler asks for are reported failed and recomputed)", exc)
+            self.layout, self.link = None, None
+        else:
+            self.link = DaemonLink(settings, [self.layout], client_id=f"vllm-worker-{rank}-{os.getpid()}")
         self.paged: Any = None
         self.copier: Any = None
         self._mapping: _Mapping | None = None
@@ -157,6 +168,8 @@ class WorkerSide:
     # ---- setup -------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if self.layout is None:
+            return  # disabled at construction (logged there)
         names = [n for n in self.kv_cache_config.kv_cache_groups[0].layer_names if n in kv_caches]
         self._kv_caches = {name: kv_caches[name] for name in names}
         self.paged = describe_paged_kv(self._kv_caches)
@@ -550,7 +563,8 @@ class WorkerSide:
             self._saver.join(timeout=30)
         self._loader.shutdown(wait=True, cancel_futures=True)
         self._releaser.shutdown(wait=True)
-        self.link.close()
+        if self.link is not None:
+            self.link.close()
         if self.copier is not None:
             self.copier.close()
         log.info("KVTierConnector worker stats: %s", dict(self.stats))

@@ -55,21 +55,12 @@ def test_an_async_load_is_as_far_as_its_slowest_rank_got() -> None:
 def test_a_disabled_worker_still_reports_its_requests_finished() -> None:
     """A worker that cannot save (here: never given a KV cache that matches its layout) must
     still tell the scheduler that requests' saves are done, or their blocks are never freed."""
-    from types import SimpleNamespace
-
-    import torch
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-
     from connectors.vllm.metadata import KVTierConnectorMetadata, SaveSpec
     from connectors.vllm.worker import WorkerSide
+    from tests.vllm.fakes import fake_configs
 
-    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float16)
-    kv_cache_config = KVCacheConfig(num_blocks=4, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
-    vllm_config = SimpleNamespace(model_config=SimpleNamespace(model="test/model", revision=None),
-                                  parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, rank=0),
-                                  cache_config=SimpleNamespace(cache_dtype="auto"))
-    worker = WorkerSide(vllm_config, kv_cache_config, settings_from(None))
-    assert not worker.enabled
+    worker = WorkerSide(*fake_configs(), settings_from({"model_revision": "test-weights"}))
+    assert worker.layout is not None and not worker.enabled
     worker.wait_for_save(KVTierConnectorMetadata(saves=[SaveSpec("r1", (0, 1), (b"a" * 16, b"b" * 16))]))
     assert worker.get_finished({"r1"}) == ({"r1"}, None)
     assert worker.stats["save_skipped_blocks"] == 2

@@ -10,7 +10,6 @@ import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -183,17 +182,12 @@ def test_a_slow_step_does_not_raise_the_recompute_estimate() -> None:
 
 def _scheduler(tmp_path: Path, **settings):
     """A scheduler half whose daemon is unreachable (its decisions need none)."""
-    import torch
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-
     from connectors.vllm.scheduler import SchedulerSide
+    from tests.vllm.fakes import fake_configs
 
-    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float16)
-    kv_cache_config = KVCacheConfig(num_blocks=4, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
-    vllm_config = SimpleNamespace(model_config=SimpleNamespace(model="test/model", revision=None),
-                                  parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, rank=0),
-                                  cache_config=SimpleNamespace(cache_dtype="auto"))
-    return SchedulerSide(vllm_config, kv_cache_config, settings_from({"socket_path": str(tmp_path / "none.sock"), **settings}))
+    vllm_config, kv_cache_config = fake_configs()
+    return SchedulerSide(vllm_config, kv_cache_config, settings_from({"socket_path": str(tmp_path / "none.sock"),
+                                                                      "model_revision": "test-weights", **settings}))
 
 
 def test_deeper_tiers_are_loaded_only_when_they_beat_recomputing(tmp_path: Path) -> None:

@@ -180,6 +180,37 @@ def test_other_layouts_never_load(tiny_model, workdir, daemon) -> None:
     assert same.counters(0)["external_prefix_cache_hits"] > 0  # the negative results above are meaningful
 
 
+def test_other_weights_under_the_same_name_never_load(tiny_model, workdir, daemon) -> None:
+    """Two folders served under one model name (kv_connector_extra_config.model_id): the layout
+    carries a fingerprint of the weight files, so KV saved with one set of weights is never loaded
+    into an engine running the other; weights kvtier cannot find switch the connector off."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    original = workdir / "weights" / "original"
+    tuned = workdir / "weights" / "tuned"
+    for folder in (original, tuned):
+        shutil.copytree(tiny_model, folder, dirs_exist_ok=True)
+    for path in tuned.glob("*.safetensors"):  # "a fine-tune": every weight nudged
+        tensors = load_file(path)
+        save_file({name: t + 1e-3 * torch.randn_like(t) if t.is_floating_point() else t for name, t in tensors.items()}, path)
+    config = kvtier_config(daemon.socket_path, model_id="served-model")
+    run_engine_subprocess(original, [[PROMPT_A]], workdir=workdir / "weights", name="original", kv_transfer_config=config)
+    daemon.wait_for_saves(len(PROMPT_A) // BLOCK)
+    other = run_engine_subprocess(tuned, [FOLLOW_UPS], workdir=workdir / "weights", name="tuned", kv_transfer_config=config)
+    assert other.counters(0)["external_prefix_cache_hits"] == 0
+    same = run_engine_subprocess(original, [FOLLOW_UPS], workdir=workdir / "weights", name="same", kv_transfer_config=config)
+    assert same.counters(0)["external_prefix_cache_hits"] > 0  # the negative result above is meaningful
+
+    streamed = workdir / "weights" / "streamed"  # weights vLLM makes up (load_format dummy): no files to tell them by
+    shutil.copytree(tiny_model, streamed, ignore=shutil.ignore_patterns("*.safetensors"))
+    dummy = run_engine_subprocess(streamed, [FOLLOW_UPS], workdir=workdir / "weights", name="dummy", kv_transfer_config=config,
+                                  llm_kwargs={"load_format": "dummy"})
+    assert dummy.counters(0)["external_prefix_cache_hits"] == 0
+    assert "KVTierConnector disabled" in dummy.log and "no weight files" in dummy.log
+    assert all(len(o["token_ids"]) == 16 for o in dummy.outputs(0))  # the engine served without kvtier
+
+
 def test_engine_survives_daemon_death_and_reconnects(tiny_model, workdir, reference, daemon) -> None:
     """The daemon is killed while an engine runs and restarted later: no crash, no hang, same
     outputs (recomputed meanwhile), and kvtier is used again once the daemon is back."""
