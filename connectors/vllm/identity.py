@@ -4,6 +4,7 @@ config with :func:`layout_for_rank`, so the scheduler can look blocks up for eve
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from connectors.vllm.weights import weights_fingerprint
@@ -11,6 +12,7 @@ from kvtier.blocks import HashExtras, KVLayout, MultimodalItem
 from kvtier.errors import LayoutError
 
 if TYPE_CHECKING:
+    import torch
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
@@ -60,6 +62,58 @@ def layout_for_rank(
         page_layout=kv_cache_config.kv_cache_layout or "LBHNC",
         kv_format="mla" if getattr(model, "use_mla", False) else "kv_concat",
     )
+
+
+def check_registered(kv_caches: Mapping[str, torch.Tensor], layout: KVLayout) -> None:
+    """Check that the tensors vLLM registered hold blocks as ``layout`` says; LayoutError naming
+    the first difference otherwise. (fp8 scales are not in the tensors: they come from the
+    checkpoint, which the weights fingerprint covers.)
+
+    vLLM 0.32/0.33 gives every layer a view of logical shape ``[num_blocks, heads, block_size,
+    content]`` (``vllm/v1/kv_cache_layout.py``) whose strides follow the physical order; MLA
+    caches have no heads axis. The layout id carries the order (``page_layout``), the dtype and
+    the shape, so the bytes of a block mean the same in every engine with that id only if its
+    tensors are what the id claims: checked here, before a block is saved or loaded."""
+    if not kv_caches:
+        raise LayoutError("vLLM registered no KV cache tensors for the connector's layers")
+    content = layout.head_size + (layout.head_size_v or layout.head_size)
+    if layout.kv_format == "mla":
+        page, axes = (layout.block_size, layout.head_size), "[num_blocks, block_size, content]"
+    else:
+        page, axes = (layout.num_kv_heads, layout.block_size, content), "[num_blocks, heads, block_size, content]"
+    expected_order = _physical_order(layout)
+    for name, tensor in kv_caches.items():
+        if tuple(tensor.shape[1:]) != page:
+            raise LayoutError(f"layer {name!r}: vLLM registered a KV tensor of shape {tuple(tensor.shape)}, not {axes} = "
+                              f"[*, {', '.join(map(str, page))}] as layout {layout.layout_id} says")
+        if _dtype_name(tensor.dtype) != layout.dtype and not (tensor.dtype.itemsize == 1 and layout.dtype.startswith("float8")):
+            raise LayoutError(f"layer {name!r}: KV tensor of dtype {_dtype_name(tensor.dtype)}, layout {layout.layout_id} "
+                              f"says {layout.dtype}")
+        order = _stride_order(tensor)
+        if expected_order is not None and order != [axis for axis in expected_order if axis in order]:
+            raise LayoutError(f"layer {name!r}: the KV tensor's axes lie in memory in order {order} (strides "
+                              f"{tuple(tensor.stride())}), not {expected_order} as page layout {layout.page_layout} says")
+
+
+def _physical_order(layout: KVLayout) -> list[int] | None:
+    """Logical axes of a per-layer view ([B, H, N, C]) from outermost to innermost in memory."""
+    if layout.kv_format == "mla":
+        return [0, 1, 2]  # [B, N, C], contiguous
+    try:
+        from vllm.v1.kv_cache_layout import KVCacheLayout
+    except ImportError:  # older vLLM: per-layer views are contiguous [B, H, N, C]
+        return [0, 1, 2, 3] if layout.page_layout == "LBHNC" else None
+    try:
+        return list(KVCacheLayout[layout.page_layout].layer_view_order)
+    except KeyError:
+        raise LayoutError(f"unknown KV cache layout {layout.page_layout!r}; vLLM's are "
+                          f"{', '.join(m.name for m in KVCacheLayout)}") from None
+
+
+def _stride_order(tensor: torch.Tensor) -> list[int]:
+    """The tensor's axes of more than one element, outermost first (larger stride)."""
+    axes = [axis for axis in range(tensor.dim()) if tensor.shape[axis] > 1]
+    return sorted(axes, key=lambda axis: -tensor.stride(axis))
 
 
 def hash_extras(request: Request) -> HashExtras:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from connectors.vllm.identity import layout_for_rank
+from connectors.vllm.identity import check_registered, layout_for_rank
 from connectors.vllm.link import DaemonLink
 from connectors.vllm.metadata import AsyncLoaded, KVTierConnectorMetadata, KVTierWorkerMetadata, LoadSpec, SaveSpec
 from connectors.vllm.settings import ConnectorSettings
@@ -172,6 +172,11 @@ class WorkerSide:
             return  # disabled at construction (logged there)
         names = [n for n in self.kv_cache_config.kv_cache_groups[0].layer_names if n in kv_caches]
         self._kv_caches = {name: kv_caches[name] for name in names}
+        try:
+            check_registered(self._kv_caches, self.layout)
+        except LayoutError as exc:  # the blocks are not what the layout id says: never save or load them
+            log.error("KVTierConnector disabled: %s; no block will be saved or loaded", exc)
+            return
         self.paged = describe_paged_kv(self._kv_caches)
         if self.paged.slot_nbytes != self.layout.block_nbytes:
             log.error(

@@ -60,3 +60,104 @@ def test_a_scheduler_that_cannot_find_the_weights_finds_nothing_and_saves_nothin
     assert disabled.get_num_new_matched_tokens(object(), 0) == (0, False)
     assert disabled.request_finished(object(), [1, 2]) == (False, None)
     assert disabled.build_connector_meta(object()).loads == [] and disabled.take_events() == []
+
+
+def vllm_kv_caches(order_name: str, layers: int = 3, blocks: int = 5, heads: int = 2, block_size: int = 16, content: int = 128,
+                   dtype=None) -> dict[str, object]:
+    """Per-layer KV views as vLLM 0.32/0.33 makes them: one allocation in the physical order
+    ``order_name`` (vllm/v1/kv_cache_layout.py), viewed as logical [L, B, H, N, C] and split by layer."""
+    import torch
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    order = KVCacheLayout[order_name].stride_order
+    logical = (layers, blocks, heads, block_size, content)
+    physical = torch.zeros([logical[axis] for axis in order], dtype=dtype or torch.float16)
+    inverse = [order.index(axis) for axis in range(5)]
+    view = physical.permute(inverse)
+    assert tuple(view.shape) == logical
+    return {f"model.layers.{layer}.self_attn.attn": view[layer] for layer in range(layers)}
+
+
+def _layout(page_layout: str = "LBHNC", **changes):
+    from kvtier.blocks import KVLayout
+
+    fields = {"model": "m", "model_revision": "w", "dtype": "float16", "num_layers": 3, "num_kv_heads": 2, "head_size": 64,
+              "block_size": 16, "page_layout": page_layout}
+    return KVLayout(**{**fields, **changes})
+
+
+ORDERS = ("LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC")
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_tensors_shaped_like_vllms_pass_only_for_the_layout_they_are_in(order: str) -> None:
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    from connectors.vllm.identity import check_registered
+
+    caches = vllm_kv_caches(order)
+    check_registered(caches, _layout(order))
+    for claimed in ORDERS:
+        same_bytes = KVCacheLayout[claimed].layer_view_order == KVCacheLayout[order].layer_view_order
+        if not same_bytes:
+            with pytest.raises(LayoutError, match="lie in memory in order"):
+                check_registered(caches, _layout(claimed))
+
+
+def test_a_shape_or_dtype_other_than_the_layouts_is_refused() -> None:
+    import torch
+
+    from connectors.vllm.identity import check_registered
+
+    with pytest.raises(LayoutError, match=r"shape \(5, 4, 16, 128\)"):
+        check_registered(vllm_kv_caches("LBHNC", heads=4), _layout())
+    with pytest.raises(LayoutError, match="dtype bfloat16"):
+        check_registered(vllm_kv_caches("LBHNC", dtype=torch.bfloat16), _layout())
+    check_registered(vllm_kv_caches("LBHNC", dtype=torch.uint8), _layout(dtype="float8_e4m3fn"))  # fp8 caches held as bytes
+    with pytest.raises(LayoutError, match="no KV cache tensors"):
+        check_registered({}, _layout())
+
+
+def test_heads_and_tokens_of_equal_count_are_still_told_apart() -> None:
+    """16 heads and 16 tokens a block: the sizes match in either order, the strides do not."""
+    from connectors.vllm.identity import check_registered
+
+    caches = vllm_kv_caches("LBNHC", heads=16)
+    check_registered(caches, _layout("LBNHC", num_kv_heads=16))
+    with pytest.raises(LayoutError, match="lie in memory"):
+        check_registered(caches, _layout("LBHNC", num_kv_heads=16))
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is in the test extra
+    given = None
+
+if given is not None:
+    @settings(max_examples=60, deadline=None)
+    @given(order=st.sampled_from(ORDERS), claimed=st.sampled_from(ORDERS), heads=st.integers(1, 4),
+           block_size=st.sampled_from([1, 2, 16]), head_size=st.sampled_from([8, 64]), blocks=st.integers(2, 4),
+           dtype=st.sampled_from(["float16", "bfloat16", "float32"]), claimed_dtype=st.sampled_from(["float16", "bfloat16", "float32"]))
+    def test_the_check_passes_exactly_when_the_bytes_are_read_the_same(order, claimed, heads, block_size, head_size, blocks, dtype,
+                                                                        claimed_dtype) -> None:
+        """Random shapes, orders and dtypes: accepted iff dtype and shape agree and every axis of
+        more than one element lies in memory where the claimed layout puts it."""
+        import torch
+        from vllm.v1.kv_cache_layout import KVCacheLayout
+
+        from connectors.vllm.identity import check_registered
+
+        caches = vllm_kv_caches(order, blocks=blocks, heads=heads, block_size=block_size, content=2 * head_size,
+                                dtype=getattr(torch, dtype))
+        layout = _layout(claimed, num_kv_heads=heads, block_size=block_size, head_size=head_size, dtype=claimed_dtype)
+        sizes = (blocks, heads, block_size, 2 * head_size)
+        def placed(name: str) -> list[int]:
+            return [axis for axis in KVCacheLayout[name].layer_view_order if sizes[axis] > 1]
+        same = dtype == claimed_dtype and placed(order) == placed(claimed)
+        try:
+            check_registered(caches, layout)
+            accepted = True
+        except LayoutError:
+            accepted = False
+        assert accepted == same
