@@ -28,7 +28,8 @@ def layout_for_rank(
     vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, tp_rank: int, model_id: str | None = None,
     model_revision: str | None = None,
 ) -> KVLayout:
-    """The layout of one tensor-parallel rank's KV blocks (single-group, attention-only models).
+    """The layout of one tensor-parallel rank's KV blocks (single-group, attention-only models);
+    ``tp_rank``/``tp_size`` in it count KV shards, not ranks (ranks with identical KV share one).
     ``model_revision`` names the weights; by default it is a fingerprint of the weight files
     (:mod:`connectors.vllm.weights`), and weights that cannot be found raise LayoutError."""
     groups = kv_cache_config.kv_cache_groups
@@ -43,6 +44,15 @@ def layout_for_rank(
     if parallel.pipeline_parallel_size != 1:
         raise LayoutError(f"pipeline parallelism ({parallel.pipeline_parallel_size} stages) is not supported: a stage holds only "
                           "its own layers, which kvtier's layouts do not record yet; run with pipeline_parallel_size=1")
+    tp_size = parallel.tensor_parallel_size
+    kv_format = "mla" if getattr(model, "use_mla", False) else "kv_concat"
+    # Consecutive ranks holding identical KV (vLLM's kv_tp_replicas: MLA, or fewer KV heads than
+    # ranks) share one layout, so their blocks are stored once.
+    replicas = int(getattr(kv_cache_config, "kv_tp_replicas", 1) or 1)
+    if replicas == 1 and kv_format == "mla":
+        replicas = tp_size
+    if tp_size % replicas:
+        raise LayoutError(f"{replicas} tensor-parallel ranks hold each KV shard, which does not divide {tp_size} ranks")
     cache_dtype = vllm_config.cache_config.cache_dtype
     dtype = _dtype_name(spec.dtype) if cache_dtype == "auto" else _CACHE_DTYPES.get(cache_dtype, _dtype_name(spec.dtype))
     head_size_v = getattr(spec, "head_size_v", None)
@@ -55,12 +65,12 @@ def layout_for_rank(
         head_size=spec.head_size,
         head_size_v=None if head_size_v in (None, spec.head_size) else head_size_v,
         block_size=spec.block_size,
-        tp_rank=tp_rank,
-        tp_size=parallel.tensor_parallel_size,
+        tp_rank=tp_rank // replicas,
+        tp_size=tp_size // replicas,
         pp_rank=0,
         pp_size=1,
         page_layout=kv_cache_config.kv_cache_layout or "LBHNC",
-        kv_format="mla" if getattr(model, "use_mla", False) else "kv_concat",
+        kv_format=kv_format,
     )
 
 

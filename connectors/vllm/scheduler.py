@@ -110,7 +110,9 @@ class SchedulerSide:
         self.settings = settings
         self.block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         tp_size = vllm_config.parallel_config.tensor_parallel_size
-        self.layouts = [layout_for_rank(vllm_config, kv_cache_config, rank, settings.model_id, settings.model_revision) for rank in range(tp_size)]
+        per_rank = [layout_for_rank(vllm_config, kv_cache_config, rank, settings.model_id, settings.model_revision)
+                    for rank in range(tp_size)]
+        self.layouts = list({layout.layout_id: layout for layout in per_rank}.values())  # one per KV shard
         self.block_nbytes = sum(layout.block_nbytes for layout in self.layouts)
         self.link = DaemonLink(settings, self.layouts, client_id="vllm-scheduler")
         self.estimates = Estimates(min_prefill_tokens=2 * self.block_size)

@@ -161,3 +161,20 @@ if given is not None:
         except LayoutError:
             accepted = False
         assert accepted == same
+
+
+def test_ranks_with_identical_kv_share_one_layout_so_blocks_are_stored_once(tmp_path) -> None:
+    from connectors.vllm.scheduler import SchedulerSide
+
+    ids = [layout_for_rank(*fake_configs(tp_size=4, replicas=2), tp_rank=rank, model_revision="w").layout_id for rank in range(4)]
+    assert ids[0] == ids[1] != ids[2] == ids[3]  # vLLM: consecutive ranks 0-1 and 2-3 hold the same KV heads
+    mla = {layout_for_rank(*fake_configs(tp_size=4, use_mla=True), tp_rank=rank, model_revision="w").layout_id for rank in range(4)}
+    assert len(mla) == 1  # an MLA cache is the same on every rank
+    plain = {layout_for_rank(*fake_configs(tp_size=4), tp_rank=rank, model_revision="w").layout_id for rank in range(4)}
+    assert len(plain) == 4
+    scheduler = SchedulerSide(*fake_configs(tp_size=4, replicas=2),
+                              settings_from({"socket_path": str(tmp_path / "none.sock"), "model_revision": "w"}))
+    try:
+        assert [layout.tp_rank for layout in scheduler.layouts] == [0, 1]  # looked up, leased and announced once per shard
+    finally:
+        scheduler.shutdown()
