@@ -49,7 +49,7 @@ from kvtier.client.commit_pipeline import COMMIT_CHUNK_BYTES
 from kvtier.client.types import FetchResult
 from kvtier.copy import describe_paged_kv, make_page_copier
 from kvtier.copy.base import CudaEventHandle
-from kvtier.errors import LayoutError, LeaseError
+from kvtier.errors import CopyError, LayoutError, LeaseError
 from kvtier.tiers.arena import SharedArena
 
 if TYPE_CHECKING:
@@ -177,7 +177,11 @@ class WorkerSide:
         except LayoutError as exc:  # the blocks are not what the layout id says: never save or load them
             log.error("KVTierConnector disabled: %s; no block will be saved or loaded", exc)
             return
-        self.paged = describe_paged_kv(self._kv_caches)
+        try:
+            self.paged = describe_paged_kv(self._kv_caches)
+        except CopyError as exc:  # pages kvtier cannot copy whole (vLLM's LHBNC, BHLNC orders)
+            log.error("KVTierConnector disabled: %s; no block will be saved or loaded", exc)
+            return
         if self.paged.slot_nbytes != self.layout.block_nbytes:
             log.error(
                 "KVTierConnector disabled: the engine's blocks are %d bytes but layout %s expects %d; "
@@ -205,7 +209,11 @@ class WorkerSide:
         """After wake-up the KV cache may sit at new addresses: describe it again."""
         if self.paged is None or self.enabled:
             return
-        self.paged = describe_paged_kv(self._kv_caches)
+        try:
+            self.paged = describe_paged_kv(self._kv_caches)
+        except CopyError as exc:  # pages kvtier cannot copy whole (vLLM's LHBNC, BHLNC orders)
+            log.error("KVTierConnector disabled: %s; no block will be saved or loaded", exc)
+            return
         self.enabled = True
 
     def _map_arena(self, client: DaemonClient) -> _Mapping:

@@ -4,8 +4,9 @@ Nothing here copies bytes or touches CUDA: it turns vLLM's per-layer KV tensors 
 :class:`PagedKV` once, checks a request (block ids, host arena, byte offsets) against it, and
 plans the ``(src, dst, nbytes)`` segments that the CUDA kernel executes.
 
-Pages: each layer tensor is ``[num_blocks, ...]`` and ``kv[layer][block]`` is one contiguous
-page, with any block stride (layer-outermost layouts, and block-outermost ones where a layer's
+Pages: each layer tensor is ``[num_blocks, ...]`` and ``kv[layer][block]`` is one dense run of
+memory (contiguous, or a permutation of it: vLLM's LBNHC order seen as [H, N, C]; the slot holds
+the run's bytes in memory order, which the layout id's ``page_layout`` names), with any block stride (layer-outermost layouts, and block-outermost ones where a layer's
 block stride spans all layers). The older K/V-split form ``[2, num_blocks, ...]`` gives two pages
 per layer and block: ``kv[layer][0][block]`` (K) then ``kv[layer][1][block]`` (V).
 
@@ -185,11 +186,12 @@ def describe_paged_kv(kv_caches: KVCaches | PagedKV, *, kv_split: bool | None = 
             )
         if num_blocks == 0:
             raise CopyError(f"layer {name!r} has no blocks")
-        if not v[0].is_contiguous():
+        if not _is_dense(v[0]):
             raise CopyError(
-                f"layer {name!r}: a block's page is not contiguous (shape {tuple(v.shape)}, "
-                f"strides {v.stride()}); kvtier copies whole pages, so kv[layer][block] must be "
-                "contiguous (vLLM's LBHNC/BLHNC orders are)"
+                f"layer {name!r}: a block's page is not one dense run of memory (shape {tuple(v.shape)}, "
+                f"strides {v.stride()}); kvtier copies whole pages, so kv[layer][block] must fill one run "
+                "(vLLM's LBHNC, LBNHC, BLHNC and BLNHC orders do; LHBNC and BHLNC interleave a block's "
+                "heads with other blocks or layers)"
             )
         esize = v.element_size()
         nbytes = v[0].numel() * esize
@@ -230,6 +232,20 @@ def describe_paged_kv(kv_caches: KVCaches | PagedKV, *, kv_split: bool | None = 
         tuple(runs),
         device,
     )
+
+
+def _is_dense(page: torch.Tensor) -> bool:
+    """Whether ``page``'s elements fill exactly ``numel`` consecutive elements from its first
+    (contiguous, or a permutation of a contiguous tensor: LBNHC's [N, H, C] page seen as [H, N, C]).
+    Its bytes are then the run at ``data_ptr()``, in memory order."""
+    if page.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(page.shape, page.stride()) if size > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _as_index(values: IndexLike, what: str) -> torch.Tensor:

@@ -178,3 +178,58 @@ def test_ranks_with_identical_kv_share_one_layout_so_blocks_are_stored_once(tmp_
         assert [layout.tp_rank for layout in scheduler.layouts] == [0, 1]  # looked up, leased and announced once per shard
     finally:
         scheduler.shutdown()
+
+
+def test_blocks_round_trip_bitwise_through_a_daemon_in_their_layout_and_miss_in_any_other(tmp_path) -> None:
+    """Per physical order: pages gathered from vLLM-shaped tensors, stored in a real daemon under
+    the layout the check accepted, scattered into a fresh cache of the same order come back
+    bit for bit; looked up under any other order's layout they are misses. Orders whose pages are
+    not one run of memory are refused (the worker then stays off)."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from connectors.vllm.identity import check_registered
+    from kvtier.blocks import hash_prompt
+    from kvtier.client import DaemonClient
+    from kvtier.copy import describe_paged_kv, make_page_copier
+    from kvtier.errors import CopyError
+    from kvtier.testing.daemon import LocalDaemon
+
+    root = Path(tempfile.mkdtemp(prefix="kvl-", dir="/tmp"))  # a short path: Unix socket names are limited
+    daemon = LocalDaemon(root, host_capacity="32MiB")
+    daemon.start()
+    try:
+        with DaemonClient(daemon.socket_path) as client, make_page_copier(torch.device("cpu")) as copier:
+            for index, order in enumerate(ORDERS):
+                caches = vllm_kv_caches(order)
+                for view in caches.values():
+                    view.copy_(torch.randn(view.shape, generator=torch.Generator().manual_seed(index)).to(view.dtype))
+                layout = _layout(order)
+                check_registered(caches, layout)
+                if order in ("LHBNC", "BHLNC"):  # a block's heads lie apart (between other blocks or layers): not copied
+                    with pytest.raises(CopyError, match="not one dense run"):
+                        describe_paged_kv(caches)
+                    continue
+                paged = describe_paged_kv(caches)
+                assert paged.slot_nbytes == layout.block_nbytes
+                host = torch.empty(2 * paged.slot_nbytes, dtype=torch.uint8)
+                copier.gather(paged, [1, 3], host, [0, paged.slot_nbytes]).wait()
+                hashes = hash_prompt(list(range(100 * index, 100 * index + 32)), 16)
+                client.register_layout(layout)
+                client.write_blocks(layout.layout_id, {h: host[i * paged.slot_nbytes:(i + 1) * paged.slot_nbytes].numpy().tobytes()
+                                                       for i, h in enumerate(hashes)})
+                fresh = vllm_kv_caches(order)
+                back = torch.frombuffer(bytearray(b"".join(client.read_blocks(layout.layout_id, hashes))), dtype=torch.uint8)
+                copier.scatter(describe_paged_kv(fresh), [0, 2], back, [0, paged.slot_nbytes]).wait()
+                for name, view in caches.items():
+                    assert torch.equal(fresh[name][0].view(torch.uint8), view[1].view(torch.uint8))
+                    assert torch.equal(fresh[name][2].view(torch.uint8), view[3].view(torch.uint8))
+                for other in ORDERS:
+                    if other != order:
+                        client.register_layout(_layout(other))
+                        assert client.lookup(_layout(other).layout_id, hashes) == []
+    finally:
+        daemon.stop()
+        __import__("shutil").rmtree(root, ignore_errors=True)
