@@ -90,7 +90,7 @@ _RUNNER = textwrap.dedent(
             if spec["llm_kwargs"].get("disable_log_stats", True):
                 return out
             for m in llm.get_metrics():
-                if m.name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
+                if m.name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:num_preemptions",
                               "vllm:external_prefix_cache_queries", "vllm:external_prefix_cache_hits"):
                     out[m.name.split(":", 1)[1]] = getattr(m, "value", None)
             return out

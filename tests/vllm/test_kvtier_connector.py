@@ -211,6 +211,31 @@ def test_other_weights_under_the_same_name_never_load(tiny_model, workdir, daemo
     assert all(len(o["token_ids"]) == 16 for o in dummy.outputs(0))  # the engine served without kvtier
 
 
+def test_chunked_prefill_and_preemption_keep_outputs_and_saves_right(tiny_model, workdir, reference, daemon) -> None:
+    """A batch budget smaller than a prompt (chunked prefill: saves must stop at computed tokens)
+    and a KV cache too small for the batch (vLLM preempts requests while their saves may be in
+    flight): outputs equal the no-cache ones, and a fresh engine loads what was saved."""
+    chunked = {"max_num_batched_tokens": 128}  # PROMPT_A's 640 tokens in five chunks
+    first = run_engine_subprocess(tiny_model, [[PROMPT_A], FOLLOW_UPS], workdir=workdir / "modes", name="chunked",
+                                  kv_transfer_config=kvtier_config(daemon.socket_path), llm_kwargs=chunked)
+    assert_same_outputs(first, 0, reference["A"])
+    assert_same_outputs(first, 1, reference["follow_ups"])
+    assert daemon.wait_for_saves(len(PROMPT_A) // BLOCK)
+    fresh = run_engine_subprocess(tiny_model, [FOLLOW_UPS], workdir=workdir / "modes", name="chunked-fresh",
+                                  kv_transfer_config=kvtier_config(daemon.socket_path), llm_kwargs=chunked)
+    assert_same_outputs(fresh, 0, reference["follow_ups"])
+    assert fresh.counters(0)["external_prefix_cache_hits"] >= (len(PROMPT_B) - 1) // BLOCK * BLOCK
+    # 44 blocks of 32 tokens: two 20-block prompts fit, their 256-token decodes (8 blocks each) do
+    # not, so vLLM preempts one while its blocks may still be copying out.
+    tight = {"num_gpu_blocks_override": 44, "max_model_len": 1024}
+    others = make_random_prompts(3, 640, seed=77)  # nothing shared
+    squeezed = run_engine_subprocess(tiny_model, [others], workdir=workdir / "modes", name="preempted", max_tokens=256,
+                                     kv_transfer_config=kvtier_config(daemon.socket_path), llm_kwargs=tight)
+    alone = run_engine_subprocess(tiny_model, [others], workdir=workdir / "modes", name="preempted-ref", max_tokens=256)
+    assert squeezed.counters(0).get("num_preemptions", 0) > 0, squeezed.counters(0)
+    assert squeezed.token_ids(0) == alone.token_ids(0)
+
+
 def test_engine_survives_daemon_death_and_reconnects(tiny_model, workdir, reference, daemon) -> None:
     """The daemon is killed while an engine runs and restarted later: no crash, no hang, same
     outputs (recomputed meanwhile), and kvtier is used again once the daemon is back."""
