@@ -172,21 +172,7 @@ class WorkerSide:
             return  # disabled at construction (logged there)
         names = [n for n in self.kv_cache_config.kv_cache_groups[0].layer_names if n in kv_caches]
         self._kv_caches = {name: kv_caches[name] for name in names}
-        try:
-            check_registered(self._kv_caches, self.layout)
-        except LayoutError as exc:  # the blocks are not what the layout id says: never save or load them
-            log.error("KVTierConnector disabled: %s; no block will be saved or loaded", exc)
-            return
-        try:
-            self.paged = describe_paged_kv(self._kv_caches)
-        except CopyError as exc:  # pages kvtier cannot copy whole (vLLM's LHBNC, BHLNC orders)
-            log.error("KVTierConnector disabled: %s; no block will be saved or loaded", exc)
-            return
-        if self.paged.slot_nbytes != self.layout.block_nbytes:
-            log.error(
-                "KVTierConnector disabled: the engine's blocks are %d bytes but layout %s expects %d; "
-                "no block will be saved or loaded", self.paged.slot_nbytes, self.layout.layout_id, self.layout.block_nbytes,
-            )
+        if not self._describe():
             return
         device = next(iter(kv_caches.values())).device
         self.copier = make_page_copier(device)
@@ -209,12 +195,23 @@ class WorkerSide:
         """After wake-up the KV cache may sit at new addresses: describe it again."""
         if self.paged is None or self.enabled:
             return
+        if self._describe():
+            self.enabled = True
+
+    def _describe(self) -> bool:
+        """Check and describe the registered tensors (again after a wake-up); False, with the
+        reason logged, where their blocks are not what the layout id says or cannot be copied."""
         try:
-            self.paged = describe_paged_kv(self._kv_caches)
-        except CopyError as exc:  # pages kvtier cannot copy whole (vLLM's LHBNC, BHLNC orders)
+            check_registered(self._kv_caches, self.layout)
+            self.paged = describe_paged_kv(self._kv_caches)  # CopyError: vLLM's LHBNC, BHLNC pages
+        except (LayoutError, CopyError) as exc:
             log.error("KVTierConnector disabled: %s; no block will be saved or loaded", exc)
-            return
-        self.enabled = True
+            return False
+        if self.paged.slot_nbytes != self.layout.block_nbytes:
+            log.error("KVTierConnector disabled: the engine's blocks are %d bytes but layout %s expects %d; no block will be "
+                      "saved or loaded", self.paged.slot_nbytes, self.layout.layout_id, self.layout.block_nbytes)
+            return False
+        return True
 
     def _map_arena(self, client: DaemonClient) -> _Mapping:
         """The daemon's arena, mapped (again after a daemon restart) off the step."""
