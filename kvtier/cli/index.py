@@ -16,6 +16,7 @@ from typing import Any
 
 from kvtier.blocks.hashing import HashExtras
 from kvtier.config import load_config
+from kvtier.daemon.auth import read_setting_file
 from kvtier.errors import ConfigError, InvalidRequestError
 from kvtier.index.base import NodeScore, NodeStatus
 from kvtier.index.client import IndexClient
@@ -56,23 +57,14 @@ def _client(args: argparse.Namespace) -> IndexClient:
         target: str | Path = args.index
     else:
         target = Path(load_config(args.config).daemon.socket_path)
-    token_file = _read(args.token_file, "--token-file")
+    token_file = read_setting_file(args.token_file, "--token-file")
     token = token_file.decode().strip() if token_file is not None else os.environ.get("KVTIER_INDEX_AUTH_TOKEN")
-    ca, cert, key = (_read(path, flag) for path, flag in ((args.tls_ca_file, "--tls-ca-file"), (args.tls_cert_file, "--tls-cert-file"),
-                                                          (args.tls_key_file, "--tls-key-file")))
+    ca = read_setting_file(args.tls_ca_file, "--tls-ca-file")
+    cert, key = read_setting_file(args.tls_cert_file, "--tls-cert-file"), read_setting_file(args.tls_key_file, "--tls-key-file")
     if (cert is None) != (key is None):
         raise ConfigError("pass both --tls-cert-file and --tls-key-file for mutual TLS")
     return IndexClient(target, token=token, tls_root_certificates=ca, tls_client_cert=(key, cert) if cert else None,
                        timeout_s=args.timeout)
-
-
-def _read(path: str | None, flag: str) -> bytes | None:
-    if not path:
-        return None
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {flag} {path}: {exc.strerror}") from exc
 
 
 def read_token_ids(path: str) -> list[int]:

@@ -62,15 +62,22 @@ class ListenerSecurity(TokenSettings, Protocol):
     tls_client_ca_file: Path | None
 
 
+def read_setting_file(path: Path | str | None, setting: str) -> bytes | None:
+    """The bytes of a credential or certificate file named by ``setting``; None when unset."""
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {setting} {path}: {exc.strerror}") from exc
+
+
 def resolve_token(config: TokenSettings, section: str = "daemon") -> str | None:
     """The configured token, from the setting or its file (whitespace stripped)."""
     if config.auth_token is not None:
         token = config.auth_token.get_secret_value()
     elif config.auth_token_file is not None:
-        try:
-            token = Path(config.auth_token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {section}.auth_token_file {config.auth_token_file}: {exc.strerror}") from exc
+        token = read_setting_file(config.auth_token_file, f"{section}.auth_token_file").decode().strip()
     else:
         return None
     if len(token) < 16:
@@ -86,12 +93,9 @@ def server_credentials(config: ListenerSecurity, section: str = "daemon") -> grp
         return None
     if config.tls_cert_file is None or config.tls_key_file is None:
         raise ConfigError(f"set both {section}.tls_cert_file and {section}.tls_key_file for TLS")
-    try:
-        cert = Path(config.tls_cert_file).read_bytes()
-        key = Path(config.tls_key_file).read_bytes()
-        client_ca = Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else None
-    except OSError as exc:
-        raise ConfigError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from exc
+    cert = read_setting_file(config.tls_cert_file, f"{section}.tls_cert_file")
+    key = read_setting_file(config.tls_key_file, f"{section}.tls_key_file")
+    client_ca = read_setting_file(config.tls_client_ca_file, f"{section}.tls_client_ca_file")
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from kvtier.config import KVTierConfig
-from kvtier.daemon.auth import resolve_token
+from kvtier.daemon.auth import read_setting_file, resolve_token
 from kvtier.errors import ConfigError
 from kvtier.events.publisher import PublishSink
 from kvtier.index.factory import REDIS_SCHEMES
@@ -43,8 +41,9 @@ def open_sink(config: KVTierConfig) -> tuple[PublishSink, str, MemoryIndex | Non
     from kvtier.index.client import IndexClient
 
     token = resolve_token(publish, "publish")
-    ca = _read(publish.tls_ca_file, "publish.tls_ca_file")
-    cert, key = _read(publish.tls_cert_file, "publish.tls_cert_file"), _read(publish.tls_key_file, "publish.tls_key_file")
+    ca = read_setting_file(publish.tls_ca_file, "publish.tls_ca_file")
+    cert = read_setting_file(publish.tls_cert_file, "publish.tls_cert_file")
+    key = read_setting_file(publish.tls_key_file, "publish.tls_key_file")
     if (cert is None) != (key is None):
         raise ConfigError("set both publish.tls_cert_file and publish.tls_key_file for mutual TLS")
     if token is None and ca is None and not target.startswith("unix:"):
@@ -52,11 +51,3 @@ def open_sink(config: KVTierConfig) -> tuple[PublishSink, str, MemoryIndex | Non
                           "the token `kvtier index serve` was started with, or publish.tls_ca_file (+ tls_cert_file, tls_key_file)")
     return IndexClient(target, token=token, tls_root_certificates=ca, tls_client_cert=(key, cert) if cert else None), target, None
 
-
-def _read(path: Path | None, setting: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {setting} {path}: {exc.strerror}") from exc

@@ -35,7 +35,7 @@ from kvtier.events.model import (
     is_engine_source,
 )
 from kvtier.index.base import DEFAULT_TIER_WEIGHTS, ApplyStatus, Holding, KVIndex, NodeScore, NodeStatus, TierRun
-from kvtier.index.walk import Blocks, walk
+from kvtier.index.walk import Blocks, native_available, walk
 
 _TIERS = tuple(IndexTier)
 _INITIAL_WIDTH = 64
@@ -90,6 +90,7 @@ class MemoryIndex(KVIndex):
         self._blocks: dict[Space, dict[int, int]] = {}
         self._extra: dict[tuple[Space, int, int], int] = {}  # (space, key, bit position) -> sources beyond the first
         self._masks: dict[int, int] = {}  # one object per distinct mask, see _shared
+        native_available()  # build (once per machine) or load the C walk now, not under a query's lock
         self._nodes: dict[str, _Node] = {}
         self._alive_cache: tuple[float, int, dict[int, int]] | None = None  # (valid until, node mask, location -> nodes)
 
