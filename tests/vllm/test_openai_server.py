@@ -117,6 +117,7 @@ def fill_then_fresh_server(wide_model: Path, workdir: Path, name: str, config: d
         assert asyncio.run(complete_all(server, WORKLOAD[2])) == reference.token_ids(2)
         hits = server.metric("vllm:external_prefix_cache_hits_total")
         log = server.log()
+    print(f"{name}: {hits:.0f} of {shared} shared prompt tokens came from kvtier")  # shown with pytest -s
     assert hits >= 0.9 * shared, f"{hits} of {shared} shared prompt tokens came from kvtier"
     failures = [line for line in log.splitlines() if "is late" in line or "unreachable" in line]
     assert not failures, failures[:5]
