@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,9 @@ class RedisIndex(KVIndex):
     def _rebuild(self) -> None:
         """The view from a snapshot, then the log from the id noted before it."""
         client, prefix = self.client, self.prefix
+        # The epoch is made here if the store has none, so the first write into an empty namespace
+        # does not change it and look like a flushed Redis (which rebuilds past unread log entries).
+        client.set(epoch_key(prefix), uuid.uuid4().hex, nx=True)
         last = client.xrevrange(log_key(prefix), count=1)
         start = _stream_id(last[0][0]) if last else (0, 0)
         epoch = client.get(epoch_key(prefix))

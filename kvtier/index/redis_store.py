@@ -3,8 +3,8 @@
 Keys, all under the hash tag ``{<namespace>}`` so a cluster keeps them in one slot (one
 function per key format below):
 
-- ``{ns}:epoch``: a random id made when the store is first written; a Redis that restarted empty
-  has none, so replicas see the change and rebuild.
+- ``{ns}:epoch``: a random id made when the store is first written or read by a replica; a Redis
+  that restarted empty has none, so replicas see the change and rebuild.
 - ``{ns}:members``: set of the nodes that published; ``{ns}:node:<node>``: hash ``session``,
   ``seq``, ``seen`` (Redis time, ms) of a node's publisher.
 - ``{ns}:nodes``: hash node -> its last heartbeat (``kvtier.events.wire``).

@@ -157,6 +157,15 @@ def test_a_silent_node_is_purged_from_redis(redis_url: str, namespace: str) -> N
         replica.close()
 
 
+def test_the_first_write_into_an_empty_namespace_is_not_taken_for_a_flush(replicas: list[RedisIndex]) -> None:
+    first, _ = replicas
+    first.client.xadd(log_key(first.prefix), {"k": "?", "d": b""})
+    assert wait_until(lambda: first.stats["bad_entries"] == 1, 10)
+    Node(first, "a").start(stored(IndexTier.HOST, keys(2)))
+    assert first.wait_synced(10)
+    assert first.stats["rebuilds"] == 1  # a rebuild here would skip log entries written in between
+
+
 def test_malformed_log_entries_are_skipped(replicas: list[RedisIndex], caplog: pytest.LogCaptureFixture) -> None:
     first, _ = replicas
     prompt = keys(3)
