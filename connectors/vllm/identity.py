@@ -24,14 +24,52 @@ def _dtype_name(dtype: object) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def selected_attention_backend(vllm_config: VllmConfig) -> str:
+    """The attention backend vLLM's selector picks for this model (``--attention-backend`` if
+    given, else the platform's choice), by vLLM's name for it. The scheduler has no model layers
+    to ask, so both halves name the backend this way; the workers then check their layers use it
+    (:func:`check_registered`)."""
+    try:
+        from vllm.config import set_current_vllm_config
+        from vllm.v1.attention.selector import get_attn_backend
+
+        model = vllm_config.model_config
+        with set_current_vllm_config(vllm_config):
+            return get_attn_backend(model.get_head_size(), model.dtype, vllm_config.cache_config.cache_dtype,
+                                    use_mla=model.use_mla).get_name()
+    except Exception as exc:  # whatever vLLM raises, the backend is unknown: never guess
+        raise LayoutError(f"cannot tell which attention backend vLLM selects for this model ({exc})") from exc
+
+
+def layer_attention_backends(vllm_config: VllmConfig, layer_names: list[str]) -> set[str] | None:
+    """The attention backends the model's layers actually use, as a worker sees them after model
+    load; None where the config holds no model layers (a connector built outside an engine)."""
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+    if not getattr(getattr(vllm_config, "compilation_config", None), "static_forward_context", None):
+        return None
+    layers = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, layer_names)
+    return {layer.get_attn_backend().get_name() for layer in layers.values()}
+
+
+# KV quantization whose scales are per tensor (from the checkpoint, covered by the weights
+# fingerprint, or 1.0): a block's bytes are then all there is to it. Per-token scales sit in pages
+# in a form kvtier's page format does not describe.
+_SUPPORTED_QUANT_MODES = ("NONE", "FP8_PER_TENSOR")
+
+
 def layout_for_rank(
     vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, tp_rank: int, model_id: str | None = None,
-    model_revision: str | None = None,
+    model_revision: str | None = None, attention_backend: str | None = None,
 ) -> KVLayout:
     """The layout of one tensor-parallel rank's KV blocks (single-group, attention-only models);
     ``tp_rank``/``tp_size`` in it count KV shards, not ranks (ranks with identical KV share one).
     ``model_revision`` names the weights; by default it is a fingerprint of the weight files
-    (:mod:`connectors.vllm.weights`), and weights that cannot be found raise LayoutError."""
+    (:mod:`connectors.vllm.weights`), and weights that cannot be found raise LayoutError.
+    ``attention_backend`` defaults to :func:`selected_attention_backend`. The layout's ``extra``
+    carries the backend, the KV quantization mode and any layers kept out of quantization, so
+    engines that differ in any of them never share a block."""
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
         raise LayoutError(f"KVTierConnector supports models with one KV cache group; this one has {len(groups)}")
@@ -56,6 +94,17 @@ def layout_for_rank(
     cache_dtype = vllm_config.cache_config.cache_dtype
     dtype = _dtype_name(spec.dtype) if cache_dtype == "auto" else _CACHE_DTYPES.get(cache_dtype, _dtype_name(spec.dtype))
     head_size_v = getattr(spec, "head_size_v", None)
+    quant_mode = getattr(getattr(spec, "kv_quant_mode", None), "name", "NONE")
+    if quant_mode not in _SUPPORTED_QUANT_MODES:
+        raise LayoutError(f"KV quantization {quant_mode} keeps scales per token inside the pages, which kvtier cannot store "
+                          f"yet; use a per-tensor KV cache dtype ({', '.join(_CACHE_DTYPES)}) or auto")
+    if getattr(spec, "page_size_padded", None):
+        raise LayoutError("vLLM pads this model's KV pages (page_size_padded, a hybrid model's alignment), which kvtier's "
+                          "page format does not describe")
+    extra = [("attention_backend", attention_backend or selected_attention_backend(vllm_config)), ("kv_quant_mode", quant_mode)]
+    skipped = getattr(vllm_config.cache_config, "kv_cache_dtype_skip_layers", None)
+    if skipped:
+        extra.append(("kv_cache_dtype_skip_layers", ",".join(map(str, skipped))))
     return KVLayout(
         model=model_id or model.model,
         model_revision=model_revision or weights_fingerprint(model.model, model.revision),
@@ -71,13 +120,15 @@ def layout_for_rank(
         pp_size=1,
         page_layout=kv_cache_config.kv_cache_layout or "LBHNC",
         kv_format=kv_format,
+        extra=tuple(extra),
     )
 
 
-def check_registered(kv_caches: Mapping[str, torch.Tensor], layout: KVLayout) -> None:
-    """Check that the tensors vLLM registered hold blocks as ``layout`` says; LayoutError naming
-    the first difference otherwise. (fp8 scales are not in the tensors: they come from the
-    checkpoint, which the weights fingerprint covers.)
+def check_registered(kv_caches: Mapping[str, torch.Tensor], layout: KVLayout, backends: set[str] | None = None) -> None:
+    """Check that the tensors vLLM registered hold blocks as ``layout`` says, and that the layers
+    use the attention backend it names (``backends``: the layers' own, where known); LayoutError
+    naming the first difference otherwise. (fp8 scales are not in the tensors: per-tensor ones come
+    from the checkpoint, which the weights fingerprint covers, or are 1.0.)
 
     vLLM 0.32/0.33 gives every layer a view of logical shape ``[num_blocks, heads, block_size,
     content]`` (``vllm/v1/kv_cache_layout.py``) whose strides follow the physical order; MLA
@@ -86,6 +137,11 @@ def check_registered(kv_caches: Mapping[str, torch.Tensor], layout: KVLayout) ->
     tensors are what the id claims: checked here, before a block is saved or loaded."""
     if not kv_caches:
         raise LayoutError("vLLM registered no KV cache tensors for the connector's layers")
+    named = dict(layout.extra).get("attention_backend")
+    if backends is not None and named is not None and backends != {named}:
+        raise LayoutError(f"the model's layers use attention backend {', '.join(sorted(backends))}, not {named} as vLLM "
+                          f"selects from the config (which the scheduler goes by); start vLLM with --attention-backend "
+                          f"{min(backends)} so both halves agree")
     content = layout.head_size + (layout.head_size_v or layout.head_size)
     if layout.kv_format == "mla":
         page, axes = (layout.block_size, layout.head_size), "[num_blocks, block_size, content]"

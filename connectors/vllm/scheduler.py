@@ -93,6 +93,7 @@ class _RequestState:
     block_ids: list[int] = field(default_factory=list)
     loaded: range = range(0)
     saved_upto: int = 0  # blocks before this were saved (or loaded) already
+    held_on_gpu: int = 0  # leading blocks in vLLM's prefix cache that kvtier holds too: never saved again
     has_saves: bool = False
     waited_async: bool = False  # it waited for an asynchronous load once: never again (host hits only)
 
@@ -165,7 +166,7 @@ class SchedulerSide:
         def lookup_and_lease(client: DaemonClient) -> _Lookup:
             found: list[str] | None = None
             for layout in self.layouts:  # a block is usable only if every rank holds it
-                tiers = client.lookup(layout.layout_id, hashes)
+                tiers = client.lookup(layout.layout_id, hashes, refresh=True)  # the prompt is about to use them
                 found = tiers if found is None else [max(a, b, key=_tier_rank) for a, b in zip(found, tiers)]
             tiers = found or []
             host_run = next((i for i, tier in enumerate(tiers) if tier != "host"), len(tiers))
@@ -268,6 +269,9 @@ class SchedulerSide:
             self._start_lookup(state)
             return None, False
         start = num_computed_tokens // self.block_size
+        # Blocks vLLM's prefix cache already holds are not loaded; those kvtier holds as well (the
+        # lookup refreshed them in its eviction order) are not saved again either.
+        state.held_on_gpu = min(start, len(found.tiers))
         if len(found.tiers) <= start:
             return 0, False
         self._announce_stored(request, found.tiers, state.hasher.hashes)
@@ -424,7 +428,9 @@ class SchedulerSide:
         if full <= state.saved_upto:
             return
         hashes = state.hasher.update(request.all_token_ids[: full * self.block_size])
-        indexes = [i for i in range(state.saved_upto, full) if i not in state.loaded]
+        first = max(state.saved_upto, state.held_on_gpu)
+        self.stats["save_skipped_held_blocks"] += max(min(full, state.held_on_gpu) - state.saved_upto, 0)
+        indexes = [i for i in range(first, full) if i not in state.loaded]
         state.saved_upto = full
         if not indexes:
             return

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from connectors.vllm.identity import check_registered, layout_for_rank
+from connectors.vllm.identity import check_registered, layer_attention_backends, layout_for_rank
 from connectors.vllm.link import DaemonLink
 from connectors.vllm.metadata import AsyncLoaded, KVTierConnectorMetadata, KVTierWorkerMetadata, LoadSpec, SaveSpec
 from connectors.vllm.settings import ConnectorSettings
@@ -119,6 +119,7 @@ class _SaveJob:
 class WorkerSide:
     def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, settings: ConnectorSettings) -> None:
         self.settings = settings
+        self.vllm_config = vllm_config
         self.kv_cache_config = kv_cache_config
         self.enabled = False
         try:
@@ -202,7 +203,7 @@ class WorkerSide:
         """Check and describe the registered tensors (again after a wake-up); False, with the
         reason logged, where their blocks are not what the layout id says or cannot be copied."""
         try:
-            check_registered(self._kv_caches, self.layout)
+            check_registered(self._kv_caches, self.layout, layer_attention_backends(self.vllm_config, list(self._kv_caches)))
             self.paged = describe_paged_kv(self._kv_caches)  # CopyError: vLLM's LHBNC, BHLNC pages
         except (LayoutError, CopyError) as exc:
             log.error("KVTierConnector disabled: %s; no block will be saved or loaded", exc)

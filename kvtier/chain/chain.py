@@ -421,15 +421,20 @@ class TierChain:
 
     # ---- reads -------------------------------------------------------------------------------
 
-    def lookup(self, keys: Sequence[BlockKey]) -> list[str]:
-        """Tier names of the longest run of ``keys`` present, from the first key (no I/O)."""
+    def lookup(self, keys: Sequence[BlockKey], refresh: bool = False) -> list[str]:
+        """Tier names of the longest run of ``keys`` present, from the first key (no I/O). With
+        ``refresh``, each block found counts as just used in its fastest tier's eviction order
+        (an engine about to use the prefix), without being read or counted as a hit."""
         found: list[str] = []
         with self._lock:
             for key in keys:
                 record = self._records.get(key)
                 if record is None or record.tiers == 0:
                     break
-                found.append(self._states[(record.tiers & -record.tiers).bit_length() - 1].tier.name)
+                state = self._states[(record.tiers & -record.tiers).bit_length() - 1]
+                if refresh:
+                    state.policy.access(key)
+                found.append(state.tier.name)
         return found
 
     def contains(self, key: BlockKey) -> bool:

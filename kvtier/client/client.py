@@ -157,12 +157,14 @@ class DaemonClient:
         """Whether the hot calls go over the daemon's fast path (after a layout was registered)."""
         return self._fast is not None
 
-    def lookup(self, layout_id: str, block_hashes: Sequence[bytes], timeout_s: float | None = None) -> list[str]:
+    def lookup(self, layout_id: str, block_hashes: Sequence[bytes], timeout_s: float | None = None, refresh: bool = False) -> list[str]:
         """The tier of each leading block the daemon holds (the list stops at the first miss).
-        ``timeout_s`` overrides the client's deadline for this call."""
+        ``timeout_s`` overrides the client's deadline for this call; ``refresh`` marks the blocks
+        found as just used (see ``LookupRequest``)."""
         if self._fast is not None:
-            return self._fast.call("Lookup", {"layout_id": layout_id, "block_hashes": list(block_hashes)}, timeout_s)["tiers"]
-        return list(self._call("Lookup", pb.LookupRequest(layout_id=layout_id, block_hashes=block_hashes), timeout_s).tiers)
+            request = {"layout_id": layout_id, "block_hashes": list(block_hashes), "refresh": refresh}
+            return self._fast.call("Lookup", request, timeout_s)["tiers"]
+        return list(self._call("Lookup", pb.LookupRequest(layout_id=layout_id, block_hashes=block_hashes, refresh=refresh), timeout_s).tiers)
 
     def reserve(self, layout_id: str, block_hashes: Sequence[bytes], block_nbytes: int = 0) -> list[Reservation]:
         if self._fast is not None:

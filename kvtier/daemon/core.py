@@ -161,8 +161,8 @@ class DaemonCore:
 
     # ---- lookups and prefetch ----------------------------------------------------------------
 
-    def lookup(self, layout_id: str, block_hashes: Sequence[bytes]) -> list[str]:
-        return self.chain.lookup(self._keys(layout_id, block_hashes))
+    def lookup(self, layout_id: str, block_hashes: Sequence[bytes], refresh: bool = False) -> list[str]:
+        return self.chain.lookup(self._keys(layout_id, block_hashes), refresh)
 
     def prefetch(self, layout_id: str, block_hashes: Sequence[bytes], wait_s: float, *, budget: FetchBudget | None = None,
                  lease_for: str | None = None, lease_ttl_s: float = 0, daemon_instance: str = "") -> PrefetchOutcome:

@@ -87,7 +87,8 @@ class _Session:
         }
 
     def lookup(self, request: Request) -> dict[str, Any]:
-        return {"tiers": self.core.lookup(_field(request, "layout_id", str), _field(request, "block_hashes", list))}
+        return {"tiers": self.core.lookup(_field(request, "layout_id", str), _field(request, "block_hashes", list),
+                                          _field(request, "refresh", bool, False))}
 
     def reserve(self, request: Request) -> dict[str, Any]:
         outcomes = self.core.reserve(self.client_id, _field(request, "layout_id", str), _field(request, "block_hashes", list),

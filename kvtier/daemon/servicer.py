@@ -91,7 +91,7 @@ class DaemonServicer(pb_grpc.KVTierDaemonServicer):
 
     @_rpc
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
-        return pb.LookupResponse(tiers=self.core.lookup(request.layout_id, request.block_hashes))
+        return pb.LookupResponse(tiers=self.core.lookup(request.layout_id, request.block_hashes, request.refresh))
 
     @_rpc
     def Reserve(self, request: pb.ReserveRequest, context: grpc.ServicerContext) -> pb.ReserveResponse:

@@ -112,12 +112,14 @@ class DescribeBlocksResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("layout_id", "block_hashes")
+    __slots__ = ("layout_id", "block_hashes", "refresh")
     LAYOUT_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_FIELD_NUMBER: _ClassVar[int]
     layout_id: str
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, layout_id: _Optional[str] = ..., block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    refresh: bool
+    def __init__(self, layout_id: _Optional[str] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., refresh: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("tiers",)

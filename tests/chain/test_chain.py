@@ -104,6 +104,20 @@ def test_lookup_stops_at_first_miss(chain: TierChain) -> None:
     assert chain.lookup([key(2), key(3)]) == []
 
 
+def test_a_refreshing_lookup_keeps_a_prefix_in_host_memory_without_counting_a_hit(chain: TierChain) -> None:
+    for n in range(8):  # host memory full, key(0) the least recently used
+        chain.put(key(n), data(n))
+    hits = tier_stats(chain, "host").counters.hits
+    assert chain.lookup([key(0), key(1)], refresh=True) == ["host", "host"]
+    assert chain.lookup([key(2)]) == ["host"]  # a plain lookup changes nothing
+    for n in range(8, 11):
+        chain.put(key(n), data(n))
+        chain.flush(10)
+    assert chain.lookup([key(0), key(1)]) == ["host", "host"]  # kept: used just now
+    assert chain.lookup([key(2)]) == ["disk"]  # evicted in their place
+    assert tier_stats(chain, "host").counters.hits == hits
+
+
 def test_capacities_hold(tmp_path: Path) -> None:
     chain = make_chain(tmp_path, host_blocks=4, disk_blocks=10)
     try:

@@ -17,9 +17,11 @@ subprocess itself, which saves two vLLM imports, about 20 s, per engine start).
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -130,6 +132,8 @@ _RUNNER = textwrap.dedent(
         }
         with open(spec["out"], "w") as f:
             json.dump(result, f)
+        if spec.get("shut_down"):  # the connector's halves log their stats as they shut down
+            llm.llm_engine.engine_core.shutdown()
 
 
     if __name__ == "__main__":
@@ -163,6 +167,12 @@ class EngineRun:
     def counters(self, batch: int = 0) -> dict[str, float]:
         return self.batches[batch]["counters"]
 
+    def connector_stats(self, half: str) -> dict[str, int]:
+        """The stats the connector's ``half`` ("scheduler" or "worker") logged at shut-down."""
+        found = re.findall(rf"KVTierConnector {half} stats: (\{{[^}}]*\}})", self.log)
+        assert found, f"no {half} stats in the engine log (run it with shut_down=True, VLLM_LOGGING_LEVEL=INFO)"
+        return ast.literal_eval(found[-1])
+
     def timing(self) -> str:
         gen = ", ".join(f"{b['seconds']:.1f}" for b in self.batches)
         return f"wall {self.wall_s:.1f}s (import {self.import_s:.1f}s, startup {self.startup_s:.1f}s, batches {gen}s)"
@@ -180,6 +190,7 @@ def run_engine_subprocess(
     env: dict[str, str | None] | None = None,
     timeout: float = ENGINE_TIMEOUT_S,
     name: str = "engine",
+    shut_down: bool = False,
 ) -> EngineRun:
     """Start a fresh vLLM engine in a subprocess, run each batch of token-id prompts (one
     ``LLM.generate`` call per batch, greedy, ``ignore_eos``) and return the results.
@@ -187,7 +198,9 @@ def run_engine_subprocess(
     ``llm_kwargs`` update :data:`DEFAULT_LLM_KWARGS` (a ``None`` value removes a key); ``env``
     updates :data:`DEFAULT_ENGINE_ENV` over the current environment (a ``None`` value removes a
     variable; :data:`AS_USERS_RUN_IT` undoes the test defaults that keep vLLM in one process). The log is kept in
-    ``workdir/<name>.log`` and included in the failure message.
+    ``workdir/<name>.log`` and included in the failure message. ``shut_down`` shuts the engine
+    down before the process exits, so the connector's stats are in the log (read them with
+    :meth:`EngineRun.connector_stats`; the log needs ``VLLM_LOGGING_LEVEL=INFO``).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     runner = workdir / "_vllm_runner.py"
@@ -212,6 +225,7 @@ def run_engine_subprocess(
                 "logprobs": logprobs,
                 "batches": batches,
                 "out": str(out_path),
+                "shut_down": shut_down,
             }
         )
     )

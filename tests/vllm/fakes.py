@@ -5,6 +5,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
+FAKE_BACKEND = "FLASH_ATTN"
+
 
 def fake_configs(model: str = "test/model", tp_size: int = 1, pp_size: int = 1, block_size: int = 16, replicas: int = 1,
                  use_mla: bool = False) -> tuple[Any, Any]:
@@ -19,3 +23,10 @@ def fake_configs(model: str = "test/model", tp_size: int = 1, pp_size: int = 1, 
                                   parallel_config=SimpleNamespace(tensor_parallel_size=tp_size, pipeline_parallel_size=pp_size, rank=0),
                                   cache_config=SimpleNamespace(cache_dtype="auto"))
     return vllm_config, kv_cache_config
+
+
+@pytest.fixture
+def fake_attention_backend(monkeypatch: pytest.MonkeyPatch) -> str:
+    """vLLM's selector reads a whole engine config, which these fakes are not: name a backend instead."""
+    monkeypatch.setattr("connectors.vllm.identity.selected_attention_backend", lambda vllm_config: FAKE_BACKEND)
+    return FAKE_BACKEND

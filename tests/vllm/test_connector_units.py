@@ -10,6 +10,7 @@ from connectors.vllm.metadata import KVTierWorkerMetadata  # noqa: E402
 from connectors.vllm.settings import settings_from  # noqa: E402
 from connectors.vllm.stats import StatsInterval, build_stats  # noqa: E402
 from kvtier.errors import ConfigError  # noqa: E402
+from tests.vllm.fakes import fake_attention_backend  # noqa: E402, F401 - a fixture, used by name
 
 
 def test_settings_defaults_and_errors() -> None:
@@ -52,7 +53,7 @@ def test_an_async_load_is_as_far_as_its_slowest_rank_got() -> None:
     assert a.aggregate(b).async_loaded == {"r1": (7, 0.02, 0.2), "r2": (4, 0.01, 0.1), "r3": (1, 0.0, 0.1)}
 
 
-def test_a_disabled_worker_still_reports_its_requests_finished() -> None:
+def test_a_disabled_worker_still_reports_its_requests_finished(fake_attention_backend: str) -> None:
     """A worker that cannot save (here: never given a KV cache that matches its layout) must
     still tell the scheduler that requests' saves are done, or their blocks are never freed."""
     from connectors.vllm.metadata import KVTierConnectorMetadata, SaveSpec

@@ -11,8 +11,10 @@ pytest.importorskip("vllm")
 from connectors.vllm.identity import layout_for_rank  # noqa: E402
 from connectors.vllm.settings import settings_from  # noqa: E402
 from kvtier.errors import LayoutError  # noqa: E402
-from tests.vllm.fakes import fake_configs  # noqa: E402
+from tests.vllm.fakes import fake_attention_backend, fake_configs  # noqa: E402, F401 - the fixture is used by name
 from tests.vllm.test_weights import model  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("fake_attention_backend")
 
 
 def test_the_layout_names_the_weights_it_was_computed_with(tmp_path) -> None:
@@ -60,6 +62,34 @@ def test_a_scheduler_that_cannot_find_the_weights_finds_nothing_and_saves_nothin
     assert disabled.get_num_new_matched_tokens(object(), 0) == (0, False)
     assert disabled.request_finished(object(), [1, 2]) == (False, None)
     assert disabled.build_connector_meta(object()).loads == [] and disabled.take_events() == []
+
+
+def test_the_attention_backend_and_kv_quantization_are_part_of_the_layout() -> None:
+    import dataclasses
+
+    from vllm.v1.kv_cache_interface import KVQuantMode
+
+    from connectors.vllm.identity import check_registered
+
+    vllm_config, kv_cache_config = fake_configs()
+    flash = layout_for_rank(vllm_config, kv_cache_config, 0, model_revision="w")
+    infer = layout_for_rank(vllm_config, kv_cache_config, 0, model_revision="w", attention_backend="FLASHINFER")
+    assert dict(flash.extra) == {"attention_backend": "FLASH_ATTN", "kv_quant_mode": "NONE"}
+    assert flash.layout_id != infer.layout_id
+    vllm_config.cache_config.kv_cache_dtype_skip_layers = ["0"]
+    assert layout_for_rank(vllm_config, kv_cache_config, 0, model_revision="w").layout_id != flash.layout_id
+    vllm_config.cache_config.kv_cache_dtype_skip_layers = []
+    group = kv_cache_config.kv_cache_groups[0]
+    for mode in (KVQuantMode.INT8_PER_TOKEN_HEAD, KVQuantMode.FP8_PER_TOKEN_HEAD):  # scales inside the pages
+        group.kv_cache_spec = dataclasses.replace(group.kv_cache_spec, kv_quant_mode=mode)
+        with pytest.raises(LayoutError, match=mode.name):
+            layout_for_rank(vllm_config, kv_cache_config, 0, model_revision="w")
+    caches = vllm_kv_caches("LBHNC", layers=1)
+    layout = _layout(num_layers=1, extra=flash.extra)
+    check_registered(caches, layout, {"FLASH_ATTN"})
+    check_registered(caches, layout, None)  # layers not visible (no engine): only the tensors are checked
+    with pytest.raises(LayoutError, match="--attention-backend FLASHINFER"):
+        check_registered(caches, layout, {"FLASHINFER"})  # the layers use another backend than the id says
 
 
 def vllm_kv_caches(order_name: str, layers: int = 3, blocks: int = 5, heads: int = 2, block_size: int = 16, content: int = 128,

