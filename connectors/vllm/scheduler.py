@@ -30,6 +30,7 @@ its engine block ids, which blocks it loaded, and how far saving has got.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
@@ -86,7 +87,8 @@ class _Decision:
 @dataclass
 class _RequestState:
     request: Request
-    hasher: PrefixHasher
+    hasher: PrefixHasher  # extended by the lookup thread and the scheduler, under hash_lock
+    hash_lock: threading.Lock = field(default_factory=threading.Lock)
     pending_lookup: Future[_Lookup | None] | None = None  # started at arrival, off the step
     lookup_started: float = 0.0
     decision: _Decision | None = None
@@ -151,16 +153,23 @@ class SchedulerSide:
         self._start_lookup(self._state(request))
 
     def _start_lookup(self, state: _RequestState) -> None:
-        """Look the prompt up on a background thread, so the scheduler step never waits for it."""
-        tokens = state.request.all_token_ids
-        hashes = state.hasher.update(tokens)
-        loadable = hashes[: (len(tokens) - 1) // self.block_size]  # the last token is always computed
+        """Hash the prompt and look it up on a background thread, so the scheduler step waits
+        for neither (hashing a long prompt takes milliseconds)."""
+        tokens = len(state.request.all_token_ids)
+        loadable = (tokens - 1) // self.block_size  # the last token is always computed
         state.lookup_started = time.monotonic()
         if loadable and self.link.available:
-            state.pending_lookup = self._lookups.submit(self._lookup, list(loadable), self._lookup_allowance_s(len(tokens)))
+            state.pending_lookup = self._lookups.submit(self._hash_and_lookup, state, loadable, self._lookup_allowance_s(tokens))
         else:  # a prompt shorter than two blocks (nothing to load), or a daemon that is late or unreachable
             state.pending_lookup = Future()
             state.pending_lookup.set_result(_Lookup([], {}, "", 0) if not loadable else None)
+
+    def _hash_and_lookup(self, state: _RequestState, blocks: int, allowance_s: float) -> _Lookup | None:
+        """On a lookup thread: the kvtier hashes of the prompt's first ``blocks`` blocks (a prefix
+        that never changes, sliced in one step while the scheduler may append tokens), then the lookup."""
+        with state.hash_lock:
+            hashes = list(state.hasher.update(state.request.all_token_ids[: blocks * self.block_size])[:blocks])
+        return self._lookup(hashes, allowance_s)
 
     def _lookup(self, hashes: list[bytes], allowance_s: float) -> _Lookup | None:
         def lookup_and_lease(client: DaemonClient) -> _Lookup:
@@ -427,7 +436,8 @@ class SchedulerSide:
             full = min(full, request.num_prompt_tokens // self.block_size)
         if full <= state.saved_upto:
             return
-        hashes = state.hasher.update(request.all_token_ids[: full * self.block_size])
+        with state.hash_lock:  # (uncontended unless a lookup given up as late is still hashing)
+            hashes = state.hasher.update(request.all_token_ids[: full * self.block_size])
         first = max(state.saved_upto, state.held_on_gpu)
         self.stats["save_skipped_held_blocks"] += max(min(full, state.held_on_gpu) - state.saved_upto, 0)
         indexes = [i for i in range(first, full) if i not in state.loaded]

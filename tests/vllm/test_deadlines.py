@@ -21,6 +21,9 @@ from connectors.vllm.metadata import LoadSpec  # noqa: E402
 from connectors.vllm.settings import settings_from  # noqa: E402
 from kvtier.blocks import KVLayout, hash_prompt  # noqa: E402
 from kvtier.testing.daemon import LocalDaemon, wait_until  # noqa: E402
+from tests.vllm.fakes import fake_attention_backend  # noqa: E402, F401 - a fixture, used by name
+
+pytestmark = pytest.mark.usefixtures("fake_attention_backend")  # the scheduler halves here run on fake configs
 
 LAYOUT = KVLayout(model="test/tiny", dtype="float16", num_layers=2, num_kv_heads=2, head_size=64, block_size=16)
 HASHES = hash_prompt(list(range(16 * 24)), 16)
@@ -244,6 +247,36 @@ def test_a_lookup_leases_the_disk_run_it_promoted(daemon: LocalDaemon, tmp_path:
         decision = scheduler._decide(found, start=0)
         assert decision.budget is None and decision.count == 8  # a synchronous load
         scheduler._release_lookup(found)
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_prompt_is_hashed_on_the_lookup_thread_not_the_scheduler_step(daemon: LocalDaemon, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    from types import SimpleNamespace
+
+    from kvtier.blocks import PrefixHasher
+
+    hashed_on: list[str] = []
+    update = PrefixHasher.update
+
+    def recording_update(self, tokens):
+        hashed_on.append(threading.current_thread().name)
+        return update(self, tokens)
+
+    monkeypatch.setattr(PrefixHasher, "update", recording_update)
+    scheduler = _scheduler(tmp_path, socket_path=str(daemon.socket_path))
+    try:
+        assert wait_until(lambda: scheduler.link.available, timeout=20)
+        request = SimpleNamespace(request_id="r1", all_token_ids=list(range(16 * 24)), num_prompt_tokens=16 * 24,
+                                  lora_request=None, cache_salt=None, mm_features=None)
+        scheduler.on_new_request(request)
+        state = scheduler.requests["r1"]
+        found = state.pending_lookup.result(timeout=10)
+        assert found is not None and found.tiers == []  # nothing saved yet: a miss
+        assert state.hasher.hashes == list(HASHES[:23])  # every block before the one holding the last token
+        assert hashed_on and all(name.startswith("kvtier-lookup") for name in hashed_on), hashed_on
     finally:
         scheduler.shutdown()
 
