@@ -26,10 +26,11 @@ class LeasedSlots:
 class LoadSpec:
     """Load ``block_hashes[i]`` into engine block ``block_ids[i]``.
 
-    Synchronous loads (``leases``: the blocks are in host memory, leased by the scheduler for each
-    rank's layout) are copied before the step's forward without a single daemon call. Asynchronous
-    ones (``budget``) are promoted from lower tiers on a loader thread while the request waits,
-    within the budget's allowance, and reported through ``get_finished``.
+    Loads from host memory (``leases``: leased by the scheduler for each rank's layout) need no
+    daemon call: verified and copied before the step's forward, or with ``background`` on a
+    loader thread while the request waits. Loads from lower tiers (``budget``) are promoted on a
+    loader thread while the request waits, within the budget's allowance. Waiting loads are
+    reported through ``get_finished``.
     """
 
     req_id: str
@@ -38,10 +39,12 @@ class LoadSpec:
     leases: dict[str, LeasedSlots] = field(default_factory=dict)  # layout id -> slots (synchronous)
     budget: LossBudget | None = None  # asynchronous
     tier: str = "host"  # the deepest tier the blocks come from
+    background: bool = False  # host-memory blocks copied off the step
 
     @property
     def is_async(self) -> bool:
-        return self.budget is not None
+        """The request waits for it (vLLM's asynchronous load): promoted, or copied in the background."""
+        return self.budget is not None or self.background
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,29 +74,32 @@ class AsyncLoaded(NamedTuple):
 
 @dataclass
 class KVTierWorkerMetadata(KVConnectorWorkerMetadata):
-    """What the workers report after a step: blocks committed to the daemon (for KV events),
+    """What the workers report after a step: blocks the daemon now holds, per layout (for KV
+    events, which go out once every layout, i.e. every KV shard, holds a block),
     leases whose blocks they copied (the scheduler releases them), step timings (the scheduler's
     prefill estimate), and for each finished asynchronous load, how many leading blocks it brought
     into the engine, how long it waited before asking the daemon and how long the daemon took
     (the scheduler's tier estimates: a load given up early moved fewer bytes, and a reconnect is
     not the tier's cost)."""
 
-    committed: set[bytes] = field(default_factory=set)
+    committed: dict[str, set[bytes]] = field(default_factory=dict)  # layout id -> block hashes
     copied_leases: set[int] = field(default_factory=set)
     step_samples: list[tuple[int, float]] = field(default_factory=list)  # (scheduled tokens, seconds)
     async_loaded: dict[str, AsyncLoaded] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if isinstance(other, KVTierWorkerMetadata):
-            # With tensor parallelism a block is only whole once every rank saved it; the
-            # scheduler announces what rank 0 reports (ranks save the same blocks). Each rank
-            # copies from its own layout's lease: the union releases them all.
-            # A request's load is as far as its slowest rank got.
+            # Commits stay per layout: with tensor parallelism a block is whole only once every
+            # shard's layout holds it, which the scheduler tracks across steps. Each rank copies
+            # from its own layout's lease: the union releases them all. A request's load is as
+            # far as its slowest rank got.
+            committed = {layout_id: set(hashes) for layout_id, hashes in self.committed.items()}
+            for layout_id, hashes in other.committed.items():
+                committed.setdefault(layout_id, set()).update(hashes)
             loaded = dict(self.async_loaded)
             for req_id, load in other.async_loaded.items():
                 loaded[req_id] = min(load, loaded.get(req_id, load))
             return KVTierWorkerMetadata(
-                self.committed | other.committed, self.copied_leases | other.copied_leases,
-                self.step_samples or other.step_samples, loaded,
+                committed, self.copied_leases | other.copied_leases, self.step_samples or other.step_samples, loaded,
             )
         return self

@@ -106,6 +106,7 @@ class _PendingEvent:
     parent_vllm_hash: Any
     token_ids: list[int]
     lora_name: str | None
+    held_by: set[str] = field(default_factory=set)  # layouts whose ranks reported the block held
 
 
 class SchedulerSide:
@@ -117,6 +118,8 @@ class SchedulerSide:
                     for rank in range(tp_size)]
         self.layouts = list({layout.layout_id: layout for layout in per_rank}.values())  # one per KV shard
         self.block_nbytes = sum(layout.block_nbytes for layout in self.layouts)
+        self.host_loads_in_background = settings.host_loads == "background" or (
+            settings.host_loads == "auto" and _on_gpu(vllm_config))
         self.link = DaemonLink(settings, self.layouts, client_id="vllm-scheduler")
         self.estimates = Estimates(min_prefill_tokens=2 * self.block_size)
         self.link.connect()
@@ -288,7 +291,8 @@ class SchedulerSide:
         if state.decision is None:
             return 0, False
         self.stats["lookup_hit_tokens"] += state.decision.count * self.block_size
-        return state.decision.count * self.block_size, state.decision.budget is not None
+        waits = state.decision.budget is not None or self.host_loads_in_background
+        return state.decision.count * self.block_size, waits
 
     def _decide(self, found: _Lookup, start: int, allow_async: bool = True) -> _Decision | None:
         """Load the leased host run synchronously, or everything found asynchronously when the
@@ -381,7 +385,11 @@ class SchedulerSide:
                                        tuple(b.checksum for b in grant.blocks[start : start + count]))
                 for layout_id, grant in found.grants.items()
             }
-            self.pending_loads.append(LoadSpec(request.request_id, block_ids, hashes, leases=leases))
+            background = self.host_loads_in_background
+            self.pending_loads.append(LoadSpec(request.request_id, block_ids, hashes, leases=leases, background=background))
+            if background:
+                self._async_started[request.request_id] = (time.monotonic(), "host")
+                self.stats["background_loads"] += 1
         else:
             self._release_lookup(found)  # the worker leases what it promotes itself
             self.pending_loads.append(LoadSpec(request.request_id, block_ids, hashes, budget=decision.budget, tier=decision.tier))
@@ -431,7 +439,11 @@ class SchedulerSide:
 
     def _plan_save(self, req_id: str, state: _RequestState, computed: int, meta: KVTierConnectorMetadata) -> None:
         request = state.request
-        full = min(computed // self.block_size, len(state.block_ids))
+        # With async scheduling a step is planned before the tokens it feeds are known (vLLM's
+        # output placeholders): a block is saved only once all its tokens are known, on a later step.
+        known = len(request.all_token_ids)
+        full = min(computed, known) // self.block_size
+        full = min(full, len(state.block_ids))
         if not self.settings.save_generated:
             full = min(full, request.num_prompt_tokens // self.block_size)
         if full <= state.saved_upto:
@@ -540,14 +552,20 @@ class SchedulerSide:
             return
         from vllm.distributed.kv_events import MEDIUM_CPU, BlockStored
 
-        for block_hash in meta.committed:
-            pending = self.unannounced.pop(block_hash, None)
-            if pending is None:
-                continue
-            self.events.append(BlockStored(
-                block_hashes=[pending.vllm_hash], parent_block_hash=pending.parent_vllm_hash, token_ids=pending.token_ids,
-                block_size=self.block_size, lora_id=None, medium=MEDIUM_CPU, lora_name=pending.lora_name,
-            ))
+        shards = {layout.layout_id for layout in self.layouts}
+        for layout_id, hashes in meta.committed.items():
+            for block_hash in hashes:
+                pending = self.unannounced.get(block_hash)
+                if pending is None:
+                    continue
+                pending.held_by.add(layout_id)
+                if pending.held_by < shards:  # with tensor parallelism: announced once every shard holds it
+                    continue
+                del self.unannounced[block_hash]
+                self.events.append(BlockStored(
+                    block_hashes=[pending.vllm_hash], parent_block_hash=pending.parent_vllm_hash, token_ids=pending.token_ids,
+                    block_size=self.block_size, lora_id=None, medium=MEDIUM_CPU, lora_name=pending.lora_name,
+                ))
 
     def take_events(self) -> list[Any]:
         events, self.events = self.events, []
@@ -572,6 +590,11 @@ def _external(block_hash: Any) -> Any:
     from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
     return maybe_convert_block_hash(block_hash)
+
+
+def _on_gpu(vllm_config: VllmConfig) -> bool:
+    device = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
+    return device in ("cuda", "rocm")
 
 
 def _tier_rank(tier: str) -> int:

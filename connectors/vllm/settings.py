@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -48,6 +48,12 @@ class ConnectorSettings(BaseModel):
     # A deeper-tier load is tried only if it is expected to take at most this fraction of the
     # recompute time of its blocks.
     load_worth_ratio: float = Field(default=0.5, gt=0, le=1)
+    # Where blocks leased in host memory are verified and copied into the engine: "background" on
+    # a loader thread while the request waits a step (nothing on the step; vLLM's own offloading
+    # does the same), "on_step" before the step's forward (no hand-off). "auto": background on GPU
+    # engines, whose forward runs on the device; on_step on CPU engines, where a thread's copy
+    # takes the same cores from the forward and the hand-off costs the request a step.
+    host_loads: Literal["auto", "background", "on_step"] = "auto"
     save_generated: bool = True  # also save blocks of generated tokens (multi-turn reuse)
     max_save_queue: int = Field(default=1024, ge=1)  # pending save jobs beyond this are skipped
 

@@ -275,6 +275,8 @@ class WorkerSide:
                     self._mark_received(spec.req_id)
                 for slots in spec.leases.values():
                     self._copied_leases.add(slots.lease_id)
+            elif spec.background:
+                self._loader.submit(self._load_in_background, spec)
             elif spec.is_async:
                 self._loader.submit(self._fetch, spec, time.monotonic())
             else:
@@ -313,9 +315,32 @@ class WorkerSide:
         else:
             self._copied_leases.add(lease_id)
 
-    def _copy_in(self, spec: LoadSpec, slots: _Slots) -> tuple[Any, int]:
+    def _load_in_background(self, spec: LoadSpec) -> None:
+        """Loader thread: verify and copy a host-memory load while its request waits, then report
+        it received (and its lease copied) to the step, like a load from a lower tier."""
+        slots = spec.leases.get(self.layout.layout_id)
+        copied = 0
+        try:
+            if slots is None:
+                self._fail(spec.block_ids)
+                return
+            handle, copied = self._copy_in(spec, _Slots(slots.daemon_instance, slots.offsets, slots.checksums), on_step=False)
+            if handle is not None:
+                handle.wait()  # (here, not on the step)
+        except Exception:  # what was not copied is recomputed
+            log.exception("loading blocks of %s in the background failed", spec.req_id)
+            self._fail(spec.block_ids[copied:])
+        finally:
+            with self._lock:
+                if slots is not None:
+                    self._copied_leases.add(slots.lease_id)
+                self._async_loaded[spec.req_id] = AsyncLoaded(copied, 0.0, 0.0)
+                self._recving_done.add(spec.req_id)
+
+    def _copy_in(self, spec: LoadSpec, slots: _Slots, on_step: bool = True) -> tuple[Any, int]:
         """Verify the leading run of ``slots`` and scatter it into ``spec``'s blocks; fail the rest.
-        Returns the copy's handle (None when nothing was copied) and the blocks copied."""
+        Returns the copy's handle (None when nothing was copied) and the blocks copied. On the
+        step, a CUDA forward is ordered after the copy; off it the caller waits for the handle."""
         mapping = self._mapping
         good = 0
         if mapping is None or mapping.daemon_instance != slots.daemon_instance:
@@ -333,7 +358,8 @@ class WorkerSide:
         if good:
             handle = self.copier.scatter(self.paged, list(spec.block_ids[:good]), mapping.tensor, list(slots.offsets[:good]))
             if isinstance(handle, CudaEventHandle):
-                torch.cuda.current_stream(self.paged.device).wait_event(handle.event)  # the forward reads after the copy
+                if on_step:
+                    torch.cuda.current_stream(self.paged.device).wait_event(handle.event)  # the forward reads after the copy
             else:
                 handle.wait()
         self.stats["loaded_blocks"] += good
@@ -440,6 +466,29 @@ class WorkerSide:
         """The jobs not dropped by a preemption (call with the lock held)."""
         return [job for job in jobs if job.seq > self._cancelled_upto.get(job.spec.req_id, 0)]
 
+    def _blocks_still_copying(self, copying: list[_SaveJob]) -> dict[bytes, int]:
+        """Engine block id of each hash the jobs in ``copying`` still save, after dropping from it
+        (and from ``_copying``, waking handle_preemptions) the jobs a preemption cancelled."""
+        with self._lock:
+            cancelled = [job for job in copying if job.seq <= self._cancelled_upto.get(job.spec.req_id, 0)]
+            for job in cancelled:
+                copying.remove(job)
+                self._stop_copying(job)
+            if cancelled:
+                self._lock.notify_all()
+        block_of: dict[bytes, int] = {}
+        for job in copying:
+            for block_id, block_hash in zip(job.spec.block_ids, job.spec.block_hashes):
+                block_of.setdefault(block_hash, block_id)
+        return block_of
+
+    def _stop_copying(self, job: _SaveJob) -> None:
+        """(with the lock held)"""
+        req_id = job.spec.req_id
+        self._copying[req_id] -= 1
+        if self._copying[req_id] <= 0:
+            del self._copying[req_id]
+
     def _copied(self, jobs: list[_SaveJob]) -> None:
         """These jobs no longer need the engine's blocks (copied out, dropped or failed)."""
         with self._lock:
@@ -462,7 +511,8 @@ class WorkerSide:
         if not hashes:
             return
 
-        def copy_out(client: DaemonClient) -> list[bytes]:
+        def copy_out(client: DaemonClient) -> tuple[list[bytes], list[bytes]]:
+            """The hashes committed now, and those the daemon held already."""
             reservations = client.reserve(self.layout.layout_id, hashes, self.paged.slot_nbytes)
             self.stats["save_present_blocks"] += sum(r.status is ReserveStatus.ALREADY_PRESENT for r in reservations)
             self.stats["save_no_space_blocks"] += sum(r.status is ReserveStatus.NO_SPACE for r in reservations)
@@ -472,39 +522,44 @@ class WorkerSide:
                     running = self._live(live)
                     for job in running:
                         self._copying[job.spec.req_id] += 1
+                copying = list(running)  # shrinks when a preemption cuts a request's copy short
+                filled: list[bytes] = []
                 try:
-                    block_of: dict[bytes, int] = {}
-                    for job in running:
-                        for block_id, block_hash in zip(job.spec.block_ids, job.spec.block_hashes):
-                            block_of.setdefault(block_hash, block_id)
-                    wanted = [(block_of[r.block_hash], r) for r in reservations
-                              if r.status is ReserveStatus.RESERVED and r.block_hash in block_of]
                     for event in {job.compute_done for job in running if job.compute_done is not None}:
                         event.synchronize()  # the forward that wrote these blocks has finished
                     # Copied and committed in chunks: one chunk's commit overlaps the next one's copy.
                     nbytes = self.paged.slot_nbytes
                     per_chunk = max(1, COMMIT_CHUNK_BYTES // nbytes)
-                    for start in range(0, len(wanted), per_chunk):
-                        chunk = wanted[start:start + per_chunk]
-                        self.copier.gather(self.paged, [b for b, _ in chunk], mapping.tensor, [r.offset for _, r in chunk]).wait()
-                        sums = [payload_checksum(mapping.arena.view(r.offset, nbytes)) for _, r in chunk]
-                        pipeline.filled((r for _, r in chunk), sums)
+                    todo = [r for r in reservations if r.status is ReserveStatus.RESERVED]
+                    for start in range(0, len(todo), per_chunk):
+                        # A request preempted meanwhile gets its blocks back after this chunk at
+                        # most (handle_preemptions waits for that): its blocks are not read again.
+                        block_of = self._blocks_still_copying(copying)
+                        chunk = [r for r in todo[start:start + per_chunk] if r.block_hash in block_of]
+                        if not chunk:
+                            continue
+                        self.copier.gather(self.paged, [block_of[r.block_hash] for r in chunk], mapping.tensor,
+                                           [r.offset for r in chunk]).wait()
+                        sums = [payload_checksum(mapping.arena.view(r.offset, nbytes)) for r in chunk]
+                        pipeline.filled(chunk, sums)
+                        filled.extend(r.block_hash for r in chunk)
                 finally:
                     with self._lock:
-                        for job in running:
-                            self._copying[job.spec.req_id] -= 1
-                            if self._copying[job.spec.req_id] <= 0:
-                                del self._copying[job.spec.req_id]
+                        for job in copying:
+                            self._stop_copying(job)
                     self._copied(running)  # the engine may reuse their blocks while the commit finishes
-            return [r.block_hash for _, r in wanted]
+            self.stats["save_cut_blocks"] += sum(r.status is ReserveStatus.RESERVED for r in reservations) - len(filled)
+            return filled, [r.block_hash for r in reservations if r.status is ReserveStatus.ALREADY_PRESENT]
 
-        committed = self.link.call(copy_out)
-        if committed is None:
+        outcome = self.link.call(copy_out)
+        if outcome is None:
             self.stats["save_unavailable_blocks"] += len(hashes)
             return
-        self.stats["saved_blocks"] += len(committed)
-        with self._lock:
-            self._committed.update(committed)
+        written, present = outcome
+        self.stats["saved_blocks"] += len(written)
+        with self._lock:  # both are held now: reported for the scheduler's KV events
+            self._committed.update(written)
+            self._committed.update(present)
 
     def handle_preemptions(self, meta: KVTierConnectorMetadata) -> None:
         """A preempted request's blocks go to others after this returns: drop its saves that have
@@ -558,10 +613,13 @@ class WorkerSide:
             self._cuda_steps = pending
         if not (self._committed or self._copied_leases or self._step_samples or self._async_loaded):
             return None
-        with self._lock:
+        with self._lock:  # (saves and background loads add to these from their threads)
             committed, self._committed = self._committed, set()
-        meta = KVTierWorkerMetadata(committed, self._copied_leases, self._step_samples, self._async_loaded)
-        self._copied_leases, self._step_samples, self._async_loaded = set(), [], {}
+            copied_leases, self._copied_leases = self._copied_leases, set()
+            async_loaded, self._async_loaded = self._async_loaded, {}
+        meta = KVTierWorkerMetadata({self.layout.layout_id: committed} if committed else {}, copied_leases,
+                                    self._step_samples, async_loaded)
+        self._step_samples = []
         return meta
 
     def shutdown(self) -> None:

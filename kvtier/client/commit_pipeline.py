@@ -65,9 +65,12 @@ class CommitPipeline:
             self._send_chunk()
 
     def finish(self) -> int:
-        """Commit what was filled and wait for it; return how many blocks were committed."""
+        """Commit what was filled and wait for it, abort the reservations never filled; return how
+        many blocks were committed."""
         self._send_chunk()
         self._wait()
+        unfilled, self._unsent = list(self._unsent), {}
+        self._abort_quietly(unfilled)
         return self.committed
 
     def abort(self) -> None:

@@ -35,6 +35,22 @@ def test_filled_slots_are_committed_in_chunks_and_read_back(daemon: DaemonProces
 
 
 @TRANSPORTS
+def test_slots_left_unfilled_are_aborted_when_the_pipeline_finishes(daemon: DaemonProcess, fast_path: bool) -> None:
+    """A copy cut short (a preempted request's blocks) fills some slots only: the rest go back now."""
+    hashes = hash_prompt(list(range(16 * 6)), 16)
+    with daemon.client(fast_path=fast_path) as client:
+        reg = client.register_layout(LAYOUT)
+        arena = client.arena()
+        reservations = client.reserve(reg.layout_id, hashes)
+        with client.commit_pipeline(reservations) as pipeline:
+            for reservation in reservations[:2]:
+                arena.view(reservation.offset, reservation.nbytes)[:] = payload(reservation.block_hash)
+                pipeline.filled([reservation])
+        assert pipeline.committed == 2 and client.stats().active_reservations == 0
+        assert client.lookup(reg.layout_id, hashes) == ["host"] * 2
+
+
+@TRANSPORTS
 def test_an_error_while_filling_commits_what_was_sent_and_aborts_the_rest(daemon: DaemonProcess, fast_path: bool) -> None:
     hashes = hash_prompt(list(range(16 * 20)), 16)
     with daemon.client(fast_path=fast_path) as client:

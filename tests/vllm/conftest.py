@@ -22,17 +22,21 @@ import json
 import os
 import random
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kvtier.testing.daemon import LocalDaemon
 from kvtier.testing.engine import ENGINE_ENV
 
 # Defaults for LLM(...) on this machine kind (2 cores, 24 GiB, no GPU).
@@ -101,7 +105,8 @@ _RUNNER = textwrap.dedent(
         for prompts in spec["batches"]:
             before = counters()
             t = time.monotonic()
-            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+            # A prompt is its token ids, or a dict vLLM takes as it is (token ids with a cache_salt).
+            outs = llm.generate([p if isinstance(p, dict) else {"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
             elapsed = time.monotonic() - t
             after = counters()
             reqs = []
@@ -306,6 +311,19 @@ def run_engine(tmp_path: Path) -> Callable[..., EngineRun]:
         )
 
     return run
+
+
+@pytest.fixture
+def small_daemon() -> Iterator[LocalDaemon]:
+    """A daemon of its own (8 MiB of host memory in 1 MiB slabs), for connector halves built outside an engine."""
+    root = Path(tempfile.mkdtemp(prefix="kvd-", dir="/tmp"))
+    process = LocalDaemon(root, env={"KVTIER_HOST_SLAB_SIZE": "1MiB"})
+    process.start()
+    yield process
+    if process.process.poll() is None:
+        process.process.send_signal(signal.SIGCONT)
+        process.stop()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

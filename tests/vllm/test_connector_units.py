@@ -40,9 +40,35 @@ def test_stats_report_only_what_changed() -> None:
     assert merged.is_empty()
 
 
-def test_worker_metadata_aggregates_committed_blocks() -> None:
-    a, b = KVTierWorkerMetadata({b"x" * 16}), KVTierWorkerMetadata({b"y" * 16})
-    assert a.aggregate(b).committed == {b"x" * 16, b"y" * 16}
+def test_worker_metadata_aggregates_committed_blocks_per_layout() -> None:
+    a, b = KVTierWorkerMetadata({"l0": {b"x" * 16}}), KVTierWorkerMetadata({"l0": {b"y" * 16}, "l1": {b"x" * 16}})
+    assert a.aggregate(b).committed == {"l0": {b"x" * 16, b"y" * 16}, "l1": {b"x" * 16}}
+    assert a.committed == {"l0": {b"x" * 16}}  # the parts are left as they were
+
+
+def test_a_block_is_announced_only_once_every_shard_holds_it(tmp_path, fake_attention_backend: str) -> None:
+    """Tensor parallelism 2: ranks commit in different steps; the KV event waits for the last."""
+    from types import SimpleNamespace
+
+    from connectors.vllm.scheduler import SchedulerSide, _PendingEvent
+    from tests.vllm.fakes import fake_configs
+
+    scheduler = SchedulerSide(*fake_configs(tp_size=2), settings_from({"socket_path": str(tmp_path / "none.sock"),
+                                                                         "model_revision": "w"}))
+    try:
+        rank0, rank1 = (layout.layout_id for layout in scheduler.layouts)
+        block = b"h" * 16
+        scheduler.unannounced[block] = _PendingEvent(123, None, list(range(16)), None)
+        output = lambda committed: SimpleNamespace(kv_connector_worker_meta=KVTierWorkerMetadata(committed))  # noqa: E731
+        scheduler.update_connector_output(output({rank0: {block}}))
+        assert scheduler.take_events() == []  # rank 1 has not committed it yet
+        scheduler.update_connector_output(output({rank0: {block}}))
+        assert scheduler.take_events() == []
+        scheduler.update_connector_output(output({rank1: {block}}))
+        events = scheduler.take_events()
+        assert [event.block_hashes for event in events] == [[123]] and block not in scheduler.unannounced
+    finally:
+        scheduler.shutdown()
 
 
 def test_an_async_load_is_as_far_as_its_slowest_rank_got() -> None:

