@@ -194,6 +194,10 @@ class IndexConfig(_Section):
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None  # set to require client certificates (mTLS)
     workers: int = Field(default=8, ge=1, le=256)  # gRPC handler threads
+    # The fast path for routers: Score and LookupBlocks as msgpack frames on TCP ("host:port", same
+    # token or mTLS as the gRPC listener), ~0.6 ms less per call than gRPC; "" turns it off.
+    fast_address: str = "127.0.0.1:7461"
+    max_fast_connections: int = Field(default=256, ge=1)  # each has a thread of its own
 
     @field_validator("weights")
     @classmethod

@@ -26,7 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
     from kvtier.index.server import run_index
 
     settings: dict[str, Any] = {}
-    for flag, key in (("address", "address"), ("store", "store"), ("ttl", "heartbeat_ttl_s"), ("token_file", "auth_token_file"),
+    for flag, key in (("address", "address"), ("fast_address", "fast_address"), ("store", "store"), ("ttl", "heartbeat_ttl_s"), ("token_file", "auth_token_file"),
                       ("namespace", "namespace"), ("redis_password_file", "redis_password_file")):
         value = getattr(args, flag)
         if value is not None:
@@ -64,7 +64,7 @@ def _client(args: argparse.Namespace) -> IndexClient:
     if (cert is None) != (key is None):
         raise ConfigError("pass both --tls-cert-file and --tls-key-file for mutual TLS")
     return IndexClient(target, token=token, tls_root_certificates=ca, tls_client_cert=(key, cert) if cert else None,
-                       timeout_s=args.timeout)
+                       timeout_s=args.timeout, fast_address=getattr(args, "fast_address", None))
 
 
 def read_token_ids(path: str) -> list[int]:
@@ -159,6 +159,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="run the index service (gRPC; token or mTLS required)")
     serve.add_argument("--config", help="TOML configuration file ([index] section)")
     serve.add_argument("--address", help="listen on host:port (default 127.0.0.1:7460)")
+    serve.add_argument("--fast-address", help="the fast path for routers' Score and LookupBlocks on host:port "
+                       "(default 127.0.0.1:7461; '' turns it off)")
     serve.add_argument("--store", help="memory (default) or a Redis URL shared by several replicas: redis://host:6379/0")
     serve.add_argument("--namespace", help="Redis key prefix (default kvtier)")
     serve.add_argument("--redis-password-file", help="Redis password file (or KVTIER_REDIS_PASSWORD, or the URL)")
@@ -184,6 +186,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         sub.set_defaults(handler=handler)
         if name == "score":
             sub.add_argument("--model", required=True, help="model name as the engines serve it")
+            sub.add_argument("--fast-address", help="score over the index's fast path at host:port (its index.fast_address)")
             sub.add_argument("--tokens-file", help="token ids: a JSON list or integers separated by spaces")
             sub.add_argument("--prompt-file", help="prompt text, tokenized with --tokenizer")
             sub.add_argument("--tokenizer", help="tokenizer folder (or Hugging Face name) for --prompt-file")

@@ -16,27 +16,44 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+from abc import ABC, abstractmethod
 from typing import Any
 
 from kvtier.client.status import error_for_status
 from kvtier.daemon.fast_wire import PROTOCOL_VERSION, FrameReader, FrameTooLargeError, encode
-from kvtier.errors import DaemonError, DaemonTimeoutError, DaemonUnavailableError, InvalidRequestError
+from kvtier.errors import DaemonTimeoutError, DaemonUnavailableError, InvalidRequestError, KVTierError
 
 # Replies are bounded by the daemon's own limit; this only guards against a broken peer.
 _MAX_REPLY_BYTES = 1 << 30
 
 
-class _Connection:
-    """One socket with its frame reader. Timeouts are the kernel's (SO_RCVTIMEO/SO_SNDTIMEO) on a
-    blocking socket, which costs no extra poll() per read the way Python's socket timeouts do."""
+class FrameConnection:
+    """One connected socket with its frame reader, answering one request at a time. Timeouts are
+    the kernel's (SO_RCVTIMEO/SO_SNDTIMEO) on a blocking socket, which costs no extra poll() per
+    read the way Python's socket timeouts do. Failures raise ``unavailable`` (the connection
+    broke or closed) or ``timed_out`` (no answer within the timeout), each with the status name
+    as ``code``; ``peer`` names the other end in their messages ("the daemon at /run/...")."""
 
-    def __init__(self, path: str, timeout_s: float) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def __init__(self, sock: socket.socket, peer: str, timeout_s: float, *,
+                 unavailable: type[KVTierError] = DaemonUnavailableError, timed_out: type[KVTierError] = DaemonTimeoutError) -> None:
+        self.sock = sock
+        self.peer = peer
         self.reader = FrameReader(self.sock, _MAX_REPLY_BYTES)
+        self._unavailable = unavailable
+        self._timed_out = timed_out
         self.timeout_s = -1.0
         self.set_timeout(timeout_s)
-        self.sock.connect(path)
+
+    @classmethod
+    def unix(cls, path: str, timeout_s: float) -> FrameConnection:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection = cls(sock, f"the daemon at {path}", timeout_s)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            raise
+        return connection
 
     def set_timeout(self, timeout_s: float) -> None:
         if timeout_s != self.timeout_s:
@@ -54,37 +71,53 @@ class _Connection:
         try:
             self.sock.sendall(frame)
         except BlockingIOError:  # SO_SNDTIMEO expired
-            raise DaemonTimeoutError(f"{op}: the daemon did not take the request within {self.timeout_s}s", code="DEADLINE_EXCEEDED") from None
+            raise self._timed_out(f"{op}: {self.peer} did not take the request within {self.timeout_s}s", code="DEADLINE_EXCEEDED") from None
         except OSError as exc:
-            raise DaemonUnavailableError(f"{op}: the connection to the daemon at {self.path} broke ({exc})", code="UNAVAILABLE") from None
+            raise self._unavailable(f"{op}: the connection to {self.peer} broke ({exc})", code="UNAVAILABLE") from None
 
     def receive(self, op: str) -> dict[str, Any]:
         try:
             reply = self.reader.receive()
         except BlockingIOError:  # SO_RCVTIMEO expired
-            raise DaemonTimeoutError(f"{op}: the daemon did not answer within {self.timeout_s}s", code="DEADLINE_EXCEEDED") from None
+            raise self._timed_out(f"{op}: {self.peer} did not answer within {self.timeout_s}s", code="DEADLINE_EXCEEDED") from None
         except (OSError, FrameTooLargeError, InvalidRequestError) as exc:
-            raise DaemonUnavailableError(f"{op}: the connection to the daemon at {self.path} broke ({exc})", code="UNAVAILABLE") from None
+            raise self._unavailable(f"{op}: the connection to {self.peer} broke ({exc})", code="UNAVAILABLE") from None
         if reply is None:
-            raise DaemonUnavailableError(f"{op}: the daemon at {self.path} closed the connection", code="UNAVAILABLE")
+            raise self._unavailable(f"{op}: {self.peer} closed the connection", code="UNAVAILABLE")
         if not ("ok" in reply and isinstance(reply["ok"], dict)) and "error" not in reply:
-            raise DaemonUnavailableError(f"{op}: the daemon sent a reply this client cannot read: {sorted(reply)}", code="UNAVAILABLE")
+            raise self._unavailable(f"{op}: {self.peer} sent a reply this client cannot read: {sorted(reply)}", code="UNAVAILABLE")
         return reply
 
     def close(self) -> None:
         self.sock.close()
 
 
-class FastChannel:
-    def __init__(self, path: str, client_id: str, daemon_instance: str, timeout_s: float) -> None:
-        self.path = path
-        self.client_id = client_id
-        self.daemon_instance = daemon_instance
+class FrameChannel(ABC):
+    """Pooled connections to one fast-path server (see the module docstring). A server's channel
+    says how to connect (:meth:`_connect`), what its Hello carries (:meth:`_hello_fields`) and
+    which kvtier error a failure status becomes (:meth:`_error`)."""
+
+    peer = "the daemon"  # in messages
+    limit_setting = "daemon.max_message_bytes"
+    unavailable: type[KVTierError] = DaemonUnavailableError  # what FrameConnection raises when a connection breaks
+
+    def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
-        self.max_message_bytes = _MAX_REPLY_BYTES  # lowered to the daemon's limit by the first Hello
+        self.max_message_bytes = _MAX_REPLY_BYTES  # lowered to the server's limit by the first Hello
         self._lock = threading.Lock()
-        self._idle: list[_Connection] = []
+        self._idle: list[FrameConnection] = []
         self._closed = False
+
+    @abstractmethod
+    def _connect(self) -> FrameConnection:
+        """A new connected socket; raise ``unavailable`` naming the address when none can be made."""
+
+    @abstractmethod
+    def _hello_fields(self) -> dict[str, Any]:
+        """What the Hello carries besides its op and protocol."""
+
+    def _error(self, code: str, message: str) -> Exception:
+        return error_for_status(code, message)
 
     def call(self, op: str, fields: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
         """Send one request and return its ``ok`` map; raise the kvtier error of a failure."""
@@ -97,22 +130,22 @@ class FastChannel:
         connection, reused = self._take()  # the first Hello tells max_message_bytes
         if len(frame) - 4 > self.max_message_bytes:
             self._give_back(connection)
-            raise DaemonError(f"{op}: a {len(frame) - 4}-byte request exceeds the daemon's {self.max_message_bytes}-byte "
-                              "limit (daemon.max_message_bytes); send fewer blocks per call", code="RESOURCE_EXHAUSTED")
+            raise self._error("RESOURCE_EXHAUSTED", f"{op}: a {len(frame) - 4}-byte request exceeds {self.peer}'s "
+                              f"{self.max_message_bytes}-byte limit ({self.limit_setting}); send fewer blocks per call")
         try:
             self._send(connection, frame, op, timeout_s)
-        except DaemonUnavailableError as exc:
+        except self.unavailable as exc:
             if not (reused and exc.code == "UNAVAILABLE"):
                 raise
             connection, reused = self._send_on_new_connection(frame, op, timeout_s), False  # see PendingReply.result
         return PendingReply(self, connection, frame, op, timeout_s, reused)
 
-    def _send_on_new_connection(self, frame: bytes, op: str, timeout_s: float | None) -> _Connection:
+    def _send_on_new_connection(self, frame: bytes, op: str, timeout_s: float | None) -> FrameConnection:
         connection = self._open()
         self._send(connection, frame, op, timeout_s)
         return connection
 
-    def _send(self, connection: _Connection, frame: bytes, op: str, timeout_s: float | None) -> None:
+    def _send(self, connection: FrameConnection, frame: bytes, op: str, timeout_s: float | None) -> None:
         try:
             connection.set_timeout(timeout_s or self.timeout_s)
             connection.send(frame, op)
@@ -120,36 +153,32 @@ class FastChannel:
             connection.close()
             raise
 
-    def _take(self) -> tuple[_Connection, bool]:
+    def _take(self) -> tuple[FrameConnection, bool]:
         """A connection, and whether it comes from the pool (it may have gone stale there)."""
         with self._lock:
             if self._closed:
-                raise DaemonUnavailableError("the client was closed", code="UNAVAILABLE")
+                raise self._error("UNAVAILABLE", "the client was closed")
             if self._idle:
                 return self._idle.pop(), True
         return self._open(), False
 
-    def _give_back(self, connection: _Connection) -> None:
+    def _give_back(self, connection: FrameConnection) -> None:
         with self._lock:
             if not self._closed:
                 self._idle.append(connection)
                 return
         connection.close()
 
-    def _open(self) -> _Connection:
+    def _open(self) -> FrameConnection:
+        connection = self._connect()
         try:
-            connection = _Connection(self.path, self.timeout_s)
-        except OSError as exc:
-            raise DaemonUnavailableError(f"cannot reach the daemon's fast path at {self.path}: {exc}", code="UNAVAILABLE") from None
-        hello = {"op": "Hello", "protocol": PROTOCOL_VERSION, "client_id": self.client_id, "daemon_instance": self.daemon_instance}
-        try:
-            reply = connection.exchange(encode(hello), "Hello")
+            reply = connection.exchange(encode({"op": "Hello", "protocol": PROTOCOL_VERSION, **self._hello_fields()}), "Hello")
         except BaseException:
             connection.close()
             raise
         if "error" in reply:
             connection.close()
-            raise error_for_status(str(reply["error"]), f"Hello: {reply.get('message', reply['error'])}")
+            raise self._error(str(reply["error"]), f"Hello: {reply.get('message', reply['error'])}")
         self.max_message_bytes = int(reply["ok"].get("max_message_bytes", _MAX_REPLY_BYTES))
         return connection
 
@@ -161,10 +190,29 @@ class FastChannel:
             connection.close()
 
 
+class FastChannel(FrameChannel):
+    """The daemon's fast path on its Unix socket, for one client of one daemon run."""
+
+    def __init__(self, path: str, client_id: str, daemon_instance: str, timeout_s: float) -> None:
+        super().__init__(timeout_s)
+        self.path = path
+        self.client_id = client_id
+        self.daemon_instance = daemon_instance
+
+    def _connect(self) -> FrameConnection:
+        try:
+            return FrameConnection.unix(self.path, self.timeout_s)
+        except OSError as exc:
+            raise DaemonUnavailableError(f"cannot reach the daemon's fast path at {self.path}: {exc}", code="UNAVAILABLE") from None
+
+    def _hello_fields(self) -> dict[str, Any]:
+        return {"client_id": self.client_id, "daemon_instance": self.daemon_instance}
+
+
 class PendingReply:
     """A request sent on its own connection whose reply has not been read yet."""
 
-    def __init__(self, channel: FastChannel, connection: _Connection, frame: bytes, op: str, timeout_s: float | None,
+    def __init__(self, channel: FrameChannel, connection: FrameConnection, frame: bytes, op: str, timeout_s: float | None,
                  reused: bool) -> None:
         self._channel = channel
         self._connection = connection
@@ -179,7 +227,7 @@ class PendingReply:
         channel, op = self._channel, self._op
         try:
             reply = self._connection.receive(op)
-        except DaemonUnavailableError as exc:
+        except channel.unavailable as exc:
             self._connection.close()
             if not (self._reused and exc.code == "UNAVAILABLE"):
                 raise
@@ -194,5 +242,5 @@ class PendingReply:
         else:
             channel._give_back(self._connection)
         if "error" in reply:
-            raise error_for_status(str(reply["error"]), f"{op}: {reply.get('message', reply['error'])}")
+            raise channel._error(str(reply["error"]), f"{op}: {reply.get('message', reply['error'])}")
         return reply["ok"]

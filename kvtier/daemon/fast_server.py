@@ -25,10 +25,7 @@ import functools
 import logging
 import os
 import socket
-import threading
-import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,23 +33,14 @@ from prometheus_client import Histogram
 
 from kvtier.chain.promotion import FetchBudget
 from kvtier.daemon.core import DaemonCore
-from kvtier.daemon.fast_wire import PROTOCOL_VERSION, FrameReader, FrameTooLargeError, encode
+from kvtier.daemon.fast_wire import PROTOCOL_VERSION
+from kvtier.daemon.frame_server import FrameServer, Request, Session, field_of
 from kvtier.daemon.metrics import RPC_LATENCY
-from kvtier.daemon.status import status_name_of
-from kvtier.errors import InvalidRequestError, KVTierError, LayoutError
+from kvtier.errors import InvalidRequestError, LayoutError
 
 log = logging.getLogger(__name__)
 
-Request = dict[str, Any]
-
-
-def _field(request: Request, name: str, kind: type, default: Any = None) -> Any:
-    value = request.get(name, default)
-    if value is None or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        expected = {list: "a list", str: "a string", int: "an integer", bytes: "bytes"}.get(kind, kind.__name__)
-        got = "missing" if value is None else f"a {type(value).__name__}"
-        raise InvalidRequestError(f"{request.get('op')}: field {name!r} must be {expected}, not {got}")
-    return value
+_field = field_of
 
 
 def _ids(request: Request, name: str) -> list[int]:
@@ -75,16 +63,16 @@ def _latency_of(method: str, code: str) -> Histogram:
     return RPC_LATENCY.labels(method=method, code=code)
 
 
-class _Session:
+class _Session(Session):
     """One client's connection: its requests, dispatched to the core on behalf of ``client_id``."""
 
     def __init__(self, core: DaemonCore, client_id: str) -> None:
         self.core = core
         self.client_id = client_id
-        self.handlers: dict[str, Callable[[Request], dict[str, Any]]] = {
+        super().__init__({
             "Lookup": self.lookup, "Reserve": self.reserve, "Commit": self.commit, "Abort": self.abort,
             "Acquire": self.acquire, "Release": self.release, "Prefetch": self.prefetch, "Disconnect": self.disconnect,
-        }
+        })
 
     def lookup(self, request: Request) -> dict[str, Any]:
         return {"tiers": self.core.lookup(_field(request, "layout_id", str), _field(request, "block_hashes", list),
@@ -134,22 +122,17 @@ class _Session:
         return {"released_leases": leases, "aborted_reservations": reservations}
 
 
-class FastPathServer:
+class FastPathServer(FrameServer):
+    hello_says = "it names the client and the daemon instance whose arena it mapped"
+
     def __init__(self, core: DaemonCore, socket_path: Path, *, max_message_bytes: int, max_connections: int) -> None:
+        super().__init__(server_name="the daemon", max_message_bytes=max_message_bytes, max_connections=max_connections,
+                         connections_setting="daemon.max_local_connections")
         self.core = core
         self.socket_path = socket_path
-        self.max_message_bytes = max_message_bytes
-        self.max_connections = max_connections
-        self._lock = threading.Lock()
-        self._connections: dict[socket.socket, threading.Thread] = {}
-        self._connections_of: Counter[str] = Counter()
-        self._stopping = threading.Event()
-        self._listener: socket.socket | None = None
-        self._acceptor: threading.Thread | None = None
+        self._connections_of: Counter[str] = Counter()  # under self._lock
 
-    # ---- lifecycle ---------------------------------------------------------------------------
-
-    def start(self) -> None:
+    def start(self) -> None:  # type: ignore[override]
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o117)  # created 0660
         try:
@@ -158,82 +141,43 @@ class FastPathServer:
             os.umask(old_umask)
         os.chmod(self.socket_path, 0o660)
         listener.listen(128)
-        self._listener = listener
-        self._acceptor = threading.Thread(target=self._accept_loop, name="kvtier-fast-accept", daemon=True)
-        self._acceptor.start()
+        super().start(listener)
 
     def stop(self, grace_s: float) -> None:
-        """Take no new requests; requests being served finish (within ``grace_s``); close everything."""
-        self._stopping.set()
-        if self._listener is not None:
-            try:
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
-            except OSError:
-                pass
-            self._listener.close()
-        with self._lock:
-            connections = dict(self._connections)
-        for connection in connections:
-            try:
-                connection.shutdown(socket.SHUT_RD)  # idle readers see EOF; a busy one still replies
-            except OSError:
-                pass
-        deadline = time.monotonic() + grace_s
-        for thread in connections.values():
-            thread.join(max(0.0, deadline - time.monotonic()))
-        if self._acceptor is not None:
-            self._acceptor.join(1.0)
+        super().stop(grace_s)
         try:
             self.socket_path.unlink()
         except FileNotFoundError:
             pass
 
-    # ---- connections -------------------------------------------------------------------------
+    def hello(self, request: Request) -> tuple[Session, dict[str, Any]]:
+        protocol = _field(request, "protocol", int)
+        if protocol != PROTOCOL_VERSION:
+            raise LayoutError(f"the client speaks fast-path protocol {protocol}, this daemon {PROTOCOL_VERSION}: "
+                              "upgrade the older of the two, or disable the client's fast path")
+        client_id = _field(request, "client_id", str)
+        self.core.check_client_id(client_id)
+        self.core.check_instance(_field(request, "daemon_instance", str, ""))
+        fields = {"protocol": PROTOCOL_VERSION, "daemon_instance": self.core.instance, "max_message_bytes": self.max_message_bytes}
+        return _Session(self.core, client_id), fields
 
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while not self._stopping.is_set():
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return  # the listener was closed by stop()
-            with self._lock:
-                full = len(self._connections) >= self.max_connections
-                if not full:
-                    thread = threading.Thread(target=self._serve, args=(connection,), name="kvtier-fast", daemon=True)
-                    self._connections[connection] = thread
-            if full:
-                self._refuse(connection, "RESOURCE_EXHAUSTED",
-                             f"the daemon already serves {self.max_connections} fast-path connections (daemon.max_local_connections)")
-                continue
-            thread.start()
+    def session_started(self, session: Session) -> None:
+        assert isinstance(session, _Session)
+        with self._lock:
+            self._connections_of[session.client_id] += 1
 
-    @staticmethod
-    def _refuse(connection: socket.socket, code: str, message: str) -> None:
-        try:
-            connection.sendall(encode({"error": code, "message": message}))
-        except OSError:
-            pass
-        connection.close()
-
-    def _serve(self, connection: socket.socket) -> None:
-        session: _Session | None = None
-        reader = FrameReader(connection, self.max_message_bytes)
-        try:
-            session = self._handshake(connection, reader)
-            while session is not None and self._serve_one(connection, reader, session):
-                pass
-        finally:
-            with self._lock:
-                del self._connections[connection]
-                last = session is not None and self._connections_of[session.client_id] == 1
-                if session is not None:
-                    self._connections_of[session.client_id] -= 1
-                    if last:
-                        del self._connections_of[session.client_id]
-            connection.close()
-            if last and not self._stopping.is_set():
-                self._end_session(session.client_id)
+    def session_ended(self, session: Session) -> None:
+        """When a client's last connection closes (it closed it, or its process died), its leases
+        and reservations are released at once, instead of when they expire."""
+        assert isinstance(session, _Session)
+        client_id = session.client_id
+        with self._lock:
+            self._connections_of[client_id] -= 1
+            last = self._connections_of[client_id] == 0
+            if last:
+                del self._connections_of[client_id]
+        if last and not self.stopping:
+            self._end_session(client_id)
 
     def _end_session(self, client_id: str) -> None:
         try:
@@ -245,81 +189,5 @@ class FastPathServer:
             log.info("client %r closed its last connection holding %d leases and %d reservations; released them",
                      client_id, leases, reservations)
 
-    def _handshake(self, connection: socket.socket, reader: FrameReader) -> _Session | None:
-        """Serve requests until a Hello succeeds (a session) or the connection ends (None)."""
-        while True:
-            reply: dict[str, Any]
-            try:
-                request = reader.receive()
-                if request is None:
-                    return None
-                if request.get("op") != "Hello":
-                    raise LayoutError("send Hello first: it names the client and the daemon instance whose arena it mapped")
-                protocol = _field(request, "protocol", int)
-                if protocol != PROTOCOL_VERSION:
-                    raise LayoutError(f"the client speaks fast-path protocol {protocol}, this daemon {PROTOCOL_VERSION}: "
-                                      "upgrade the older of the two, or disable the client's fast path")
-                client_id = _field(request, "client_id", str)
-                self.core.check_client_id(client_id)
-                self.core.check_instance(_field(request, "daemon_instance", str, ""))
-                session = _Session(self.core, client_id)
-                reply = {"ok": {"protocol": PROTOCOL_VERSION, "daemon_instance": self.core.instance,
-                                "max_message_bytes": self.max_message_bytes}}
-            except FrameTooLargeError as exc:
-                self._refuse(connection, "RESOURCE_EXHAUSTED", str(exc))
-                return None
-            except KVTierError as exc:
-                session, reply = None, {"error": status_name_of(exc), "message": str(exc)}
-            except OSError:
-                return None
-            with self._lock:
-                if session is not None:
-                    self._connections_of[client_id] += 1
-            try:
-                connection.sendall(encode(reply))
-            except OSError:
-                return session  # counted: _serve's cleanup ends it
-            if session is not None:
-                return session
-
-    def _serve_one(self, connection: socket.socket, reader: FrameReader, session: _Session) -> bool:
-        """Answer one request; False when the connection is done."""
-        try:
-            request = reader.receive()
-        except FrameTooLargeError as exc:
-            self._refuse(connection, "RESOURCE_EXHAUSTED", str(exc))
-            return False
-        except InvalidRequestError as exc:
-            return self._send(connection, {"error": "INVALID_ARGUMENT", "message": str(exc)})
-        except OSError:
-            return False
-        if request is None:
-            return False
-        start = time.perf_counter()
-        op = request.get("op")
-        handler = session.handlers.get(op) if isinstance(op, str) else None
-        if self._stopping.is_set():
-            code, reply = "UNAVAILABLE", {"error": "UNAVAILABLE", "message": "the daemon is shutting down"}
-        elif handler is None:
-            code = "UNIMPLEMENTED"
-            reply = {"error": code, "message": f"unknown operation {op!r}; the fast path serves {sorted(session.handlers)}"}
-        else:
-            try:
-                reply, code = {"ok": handler(request)}, "OK"
-            except KVTierError as exc:
-                code = status_name_of(exc)
-                reply = {"error": code, "message": str(exc)}
-            except Exception:
-                code = "INTERNAL"
-                log.exception("fast-path %s failed", op)
-                reply = {"error": code, "message": f"{op} failed inside the daemon; see its log"}
-            _latency_of(op, code).observe(time.perf_counter() - start)
-        return self._send(connection, reply)
-
-    @staticmethod
-    def _send(connection: socket.socket, reply: dict[str, Any]) -> bool:
-        try:
-            connection.sendall(encode(reply))
-            return True
-        except OSError:
-            return False
+    def observe(self, op: str, code: str, seconds: float) -> None:
+        _latency_of(op, code).observe(seconds)

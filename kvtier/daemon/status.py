@@ -7,6 +7,7 @@ the fast path as strings, and the client turns either back into the same kvtier 
 from __future__ import annotations
 
 from kvtier.errors import (
+    AuthenticationError,
     ConfigError,
     InvalidRequestError,
     KVTierError,
@@ -19,6 +20,7 @@ from kvtier.errors import (
 # Most specific first.
 _STATUS_OF: tuple[tuple[type[KVTierError], str], ...] = (
     (InvalidRequestError, "INVALID_ARGUMENT"),
+    (AuthenticationError, "UNAUTHENTICATED"),
     (LayoutError, "FAILED_PRECONDITION"),
     (LeaseError, "NOT_FOUND"),
     (TierFullError, "RESOURCE_EXHAUSTED"),

@@ -19,11 +19,14 @@ from kvtier.daemon.auth import BearerTokenInterceptor, listen, resolve_token, se
 from kvtier.errors import ConfigError
 from kvtier.index.base import KVIndex
 from kvtier.index.factory import make_index
+from kvtier.index.fast_server import IndexFastServer, server_tls_context
 from kvtier.index.memory import MemoryIndex
 from kvtier.index.service import SERVICE_NAME, add_index_service
 from kvtier.stop_signals import stop_on_signals, wait_for_stop
 
 log = logging.getLogger(__name__)
+
+MAX_FAST_MESSAGE_BYTES = 80 << 20  # a 1M-block prompt's token ids (64 MiB packed), with room to spare
 
 
 class IndexSweeper:
@@ -58,6 +61,8 @@ class IndexServer:
         self._server: grpc.Server | None = None
         self._sweeper: IndexSweeper | None = None
         self._subscribers: list = []
+        self._fast: IndexFastServer | None = None
+        self.fast_port: int | None = None
 
     def start(self) -> None:
         settings = self.config.index
@@ -76,12 +81,22 @@ class IndexServer:
         self.port = listen(server, settings.address, tls, "index.address")
         server.start()
         self._server = server
+        if settings.fast_address:
+            fast = IndexFastServer(self.index, token=token, tls=server_tls_context(settings),
+                                   max_message_bytes=MAX_FAST_MESSAGE_BYTES, max_connections=settings.max_fast_connections)
+            try:
+                self.fast_port = fast.listen(settings.fast_address)
+            except ConfigError:
+                self.stop(0)
+                raise
+            self._fast = fast
         if isinstance(self.index, MemoryIndex):
             self._sweeper = IndexSweeper(self.index)
         self._start_engine_subscribers()
         self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        log.info("kvtier index serving on %s (store %s)", settings.address, settings.store.split("@")[-1])
+        log.info("kvtier index serving on %s, fast path on %s (store %s)", settings.address, settings.fast_address or "(off)",
+                 settings.store.split("@")[-1])
 
     def _start_engine_subscribers(self) -> None:
         if not self.config.index.engine_events:
@@ -94,6 +109,9 @@ class IndexServer:
         for subscriber in self._subscribers:
             subscriber.close()
         self._subscribers.clear()
+        if self._fast is not None:
+            self._fast.stop(grace_s)
+            self._fast = None
         if self._server is not None:
             self._health.enter_graceful_shutdown()
             self._server.stop(grace_s).wait()
@@ -111,7 +129,8 @@ def run_index(config: KVTierConfig) -> None:
     with stop_on_signals() as stop:
         try:
             server.start()
-            print(f"kvtier index ready on {config.index.address} (port {server.port})", flush=True)
+            fast = f"; fast path on {config.index.fast_address} (port {server.fast_port})" if server.fast_port else ""
+            print(f"kvtier index ready on {config.index.address} (port {server.port}){fast}", flush=True)
             wait_for_stop(stop)
         finally:
             server.stop()

@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
-from kvtier.blocks.hashing import HashExtras
 from kvtier.errors import IndexUnavailableError, InvalidRequestError, KVTierError, TierUnavailableError
-from kvtier.events.model import IndexTier, Space, index_keys
+from kvtier.events.model import IndexTier
 from kvtier.events.wire import decode_batch, decode_heartbeat
+from kvtier.index import queries
 from kvtier.index.base import ApplyStatus, KVIndex, NodeScore
+from kvtier.index.queries import unpack_token_ids
 from kvtier.v1 import index_pb2 as pb
 from kvtier.v1 import index_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "kvtier.v1.KVIndex"
-MAX_PROMPT_BLOCKS = 1 << 20
 
 _Reply = TypeVar("_Reply")
 
@@ -72,43 +72,32 @@ def scores_to_proto(scores: list[NodeScore], prompt_blocks: int, block_size: int
     )
 
 
+def _one_form(packed: bytes, repeated: Sequence[Any], field: str) -> Any:
+    """A request field sent packed or repeated (not both)."""
+    if packed and len(repeated):
+        raise InvalidRequestError(f"send {field} or packed_{field}, not both")
+    return packed or repeated
+
+
 class IndexServicer(pb_grpc.KVIndexServicer):
     def __init__(self, index: KVIndex) -> None:
         self.index = index
 
-    def _space(self, model: str, block_size: int) -> Space:
-        if not model:
-            raise InvalidRequestError("model is required")
-        return self.index.space_of(model, block_size or None)
-
     @_rpc
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
-        space = self._space(request.model, request.block_size)
-        candidates = list(request.candidate_nodes) or None
-        if request.token_ids and request.block_hashes:
-            raise InvalidRequestError("send token_ids or block_hashes, not both")
-        if request.block_hashes:
-            if request.lora_name or request.cache_salt:
-                raise InvalidRequestError("lora_name and cache_salt apply to token_ids; block hashes already include them")
-            if len(request.block_hashes) > MAX_PROMPT_BLOCKS:
-                raise InvalidRequestError(f"at most {MAX_PROMPT_BLOCKS} block hashes per query")
-            scores = self.index.score_hashes(space, list(request.block_hashes), candidates)
-            prompt_blocks = len(request.block_hashes)
-        else:
-            if len(request.token_ids) > MAX_PROMPT_BLOCKS * space.block_size:
-                raise InvalidRequestError("too many token ids for one query")
-            extras = HashExtras(lora_name=request.lora_name or None, cache_salt=request.cache_salt or None)
-            scores = self.index.score_tokens(space.model, request.token_ids, block_size=space.block_size, extras=extras,
-                                             candidates=candidates)
-            prompt_blocks = len(request.token_ids) // space.block_size
-        return scores_to_proto(scores, prompt_blocks, space.block_size)
+        token_ids = _one_form(request.packed_token_ids, request.token_ids, "token_ids")
+        answer = queries.score(
+            self.index, request.model, request.block_size,
+            token_ids=unpack_token_ids(token_ids) if isinstance(token_ids, bytes) else token_ids,
+            block_hashes=_one_form(request.packed_block_hashes, request.block_hashes, "block_hashes"),
+            lora_name=request.lora_name, cache_salt=request.cache_salt, candidates=request.candidate_nodes,
+        )
+        return scores_to_proto(answer.scores, answer.prompt_blocks, answer.block_size)
 
     @_rpc
     def LookupBlocks(self, request: pb.LookupBlocksRequest, context: grpc.ServicerContext) -> pb.LookupBlocksResponse:
-        space = self._space(request.model, request.block_size)
-        if len(request.block_hashes) > MAX_PROMPT_BLOCKS:
-            raise InvalidRequestError(f"at most {MAX_PROMPT_BLOCKS} block hashes per query")
-        found = self.index.lookup(space, index_keys(list(request.block_hashes)))
+        found = queries.lookup(self.index, request.model, request.block_size,
+                               _one_form(request.packed_block_hashes, request.block_hashes, "block_hashes"))
         return pb.LookupBlocksResponse(
             blocks=[pb.BlockHolders(holdings=[pb.Holding(node=h.node, tier=tier_to_proto(h.tier)) for h in held]) for held in found]
         )

@@ -21,7 +21,7 @@ TIER_DISK: Tier
 TIER_S3: Tier
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("model", "block_size", "token_ids", "block_hashes", "lora_name", "cache_salt", "candidate_nodes")
+    __slots__ = ("model", "block_size", "token_ids", "block_hashes", "lora_name", "cache_salt", "candidate_nodes", "packed_block_hashes", "packed_token_ids")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,8 @@ class ScoreRequest(_message.Message):
     LORA_NAME_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_NODES_FIELD_NUMBER: _ClassVar[int]
+    PACKED_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    PACKED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     block_size: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -36,7 +38,9 @@ class ScoreRequest(_message.Message):
     lora_name: str
     cache_salt: str
     candidate_nodes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., block_size: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., lora_name: _Optional[str] = ..., cache_salt: _Optional[str] = ..., candidate_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+    packed_block_hashes: bytes
+    packed_token_ids: bytes
+    def __init__(self, model: _Optional[str] = ..., block_size: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., lora_name: _Optional[str] = ..., cache_salt: _Optional[str] = ..., candidate_nodes: _Optional[_Iterable[str]] = ..., packed_block_hashes: _Optional[bytes] = ..., packed_token_ids: _Optional[bytes] = ...) -> None: ...
 
 class TierRun(_message.Message):
     __slots__ = ("tier", "start_block", "blocks")
@@ -73,14 +77,16 @@ class ScoreResponse(_message.Message):
     def __init__(self, scores: _Optional[_Iterable[_Union[NodeScore, _Mapping]]] = ..., prompt_blocks: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class LookupBlocksRequest(_message.Message):
-    __slots__ = ("model", "block_size", "block_hashes")
+    __slots__ = ("model", "block_size", "block_hashes", "packed_block_hashes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    PACKED_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     model: str
     block_size: int
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, model: _Optional[str] = ..., block_size: _Optional[int] = ..., block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    packed_block_hashes: bytes
+    def __init__(self, model: _Optional[str] = ..., block_size: _Optional[int] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., packed_block_hashes: _Optional[bytes] = ...) -> None: ...
 
 class Holding(_message.Message):
     __slots__ = ("node", "tier")

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -41,19 +42,24 @@ def fill(daemon: LocalDaemon, blocks: int) -> None:
         client.write_blocks(layout_id, {h: bytes(LAYOUT.block_nbytes) for h in hash_prompt(PROMPT, 16)[:blocks]})
 
 
+class RunningIndex(NamedTuple):
+    address: str  # gRPC
+    fast_address: str  # the fast path (Score, LookupBlocks)
+
+
 @contextlib.contextmanager
-def running_index(tmp_path: Path, env: dict[str, str], **client_options) -> Iterator[str]:
-    """``kvtier index serve`` on a free port with ``env``, once a client made with
-    ``client_options`` gets answers; yields its address."""
-    port = free_port()
+def running_index(tmp_path: Path, env: dict[str, str], *extra_args: str, **client_options) -> Iterator[RunningIndex]:
+    """``kvtier index serve`` on free ports with ``env``, once a client made with
+    ``client_options`` gets answers; yields its addresses."""
+    index = RunningIndex(f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
     log = open(tmp_path / "index.log", "wb")  # noqa: SIM115 - the server writes to it until the block ends
-    process = subprocess.Popen([sys.executable, "-m", "kvtier", "index", "serve", "--address", f"127.0.0.1:{port}", "--ttl", "2"],
+    process = subprocess.Popen([sys.executable, "-m", "kvtier", "index", "serve", "--address", index.address,
+                                "--fast-address", index.fast_address, "--ttl", "2", *extra_args],
                                env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
     try:
-        with IndexClient(address, timeout_s=1, **client_options) as client:
+        with IndexClient(index.address, timeout_s=1, **client_options) as client:
             assert wait_until(lambda: _answers(client), timeout=30), (tmp_path / "index.log").read_text()
-        yield address
+        yield index
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -61,9 +67,9 @@ def running_index(tmp_path: Path, env: dict[str, str], **client_options) -> Iter
 
 
 @pytest.fixture
-def index_service(tmp_path: Path) -> Iterator[str]:
-    with running_index(tmp_path, {"KVTIER_INDEX_AUTH_TOKEN": TOKEN}, token=TOKEN) as address:
-        yield address
+def index_service(tmp_path: Path) -> Iterator[RunningIndex]:
+    with running_index(tmp_path, {"KVTIER_INDEX_AUTH_TOKEN": TOKEN}, token=TOKEN) as index:
+        yield index
 
 
 def _answers(client: IndexClient) -> bool:
@@ -135,26 +141,39 @@ def test_the_cli_tokenizes_a_prompt_file_with_the_models_tokenizer(tmp_path: Pat
         daemon.stop()
 
 
-def test_daemons_publish_to_the_index_service_and_a_dead_one_leaves(tmp_path: Path, index_service: str) -> None:
+def test_daemons_publish_to_the_index_service_and_a_dead_one_leaves(tmp_path: Path, index_service: RunningIndex) -> None:
     env = {"KVTIER_PUBLISH_AUTH_TOKEN": TOKEN, "KVTIER_PUBLISH_HEARTBEAT_S": "0.3"}
-    a = LocalDaemon(tmp_path / "a", host_capacity="32MiB", args=["--node-name", "a", "--index", index_service], env=env)
-    b = LocalDaemon(tmp_path / "b", host_capacity="32MiB", args=["--node-name", "b", "--index", index_service], env=env)
+    address = index_service.address
+    a = LocalDaemon(tmp_path / "a", host_capacity="32MiB", args=["--node-name", "a", "--index", address], env=env)
+    b = LocalDaemon(tmp_path / "b", host_capacity="32MiB", args=["--node-name", "b", "--index", address], env=env)
     a.start()
     b.start()
     try:
         fill(a, 12)
         fill(b, 4)
-        with IndexClient(index_service, token=TOKEN) as client:
+        with IndexClient(address, token=TOKEN) as client, \
+                IndexClient(address, token=TOKEN, fast_address=index_service.fast_address) as fast:
             assert wait_until(lambda: [(s.node, s.blocks) for s in client.score("test/tiny", token_ids=PROMPT)] == [("a", 12), ("b", 4)],
                               timeout=20)
             by_hash = client.score("test/tiny", block_hashes=hash_prompt(PROMPT, 16))
             assert [s.node for s in by_hash] == ["a", "b"] and by_hash[0].runs[0].tier is IndexTier.HOST
+            # The fast path answers the same, from tokens and from hashes.
+            assert fast.score("test/tiny", token_ids=PROMPT) == by_hash
+            assert fast.score("test/tiny", block_hashes=hash_prompt(PROMPT, 16)) == by_hash
             assert {n.info.node for n in client.nodes() if n.alive} == {"a", "b"}
             holders = client.lookup("test/tiny", hash_prompt(PROMPT, 16)[:1])
             assert {h.node for h in holders[0]} == {"a", "b"}
+            assert fast.lookup("test/tiny", hash_prompt(PROMPT, 16)) == client.lookup("test/tiny", hash_prompt(PROMPT, 16))
+            tokens_file = tmp_path / "prompt.json"
+            tokens_file.write_text(json.dumps(PROMPT))
+            cli_scores = [json.loads(kvtier_cli("index", "score", "--index", address, *fast_flag, "--model", "test/tiny",
+                                                "--tokens-file", str(tokens_file), "--json",
+                                                env={**os.environ, "KVTIER_INDEX_AUTH_TOKEN": TOKEN}).stdout)["scores"]
+                          for fast_flag in ((), ("--fast-address", index_service.fast_address))]
+            assert cli_scores[0] == cli_scores[1] and [s["node"] for s in cli_scores[0]] == ["a", "b"]
             b.stop(signal.SIGKILL)
             started = time.monotonic()
-            assert wait_until(lambda: [s.node for s in client.score("test/tiny", token_ids=PROMPT)] == ["a"], timeout=10)
+            assert wait_until(lambda: [s.node for s in fast.score("test/tiny", token_ids=PROMPT)] == ["a"], timeout=10)
             assert time.monotonic() - started < 2 + 1.5  # the TTL (2 s) plus a sweep
     finally:
         a.stop()
@@ -162,18 +181,29 @@ def test_daemons_publish_to_the_index_service_and_a_dead_one_leaves(tmp_path: Pa
             b.stop()
 
 
-def test_the_index_refuses_bad_credentials_and_bad_queries(index_service: str) -> None:
-    with IndexClient(index_service) as anonymous, pytest.raises(AuthenticationError):
-        anonymous.nodes()
-    with IndexClient(index_service, token="wrong-token-0123456789") as wrong, pytest.raises(AuthenticationError):
-        wrong.nodes()
-    with IndexClient(index_service, token=TOKEN) as client:
-        with pytest.raises(InvalidRequestError, match="block size"):
-            client.score("nobody/serves-this", token_ids=PROMPT)
+def test_the_index_refuses_bad_credentials_and_bad_queries(index_service: RunningIndex) -> None:
+    address, fast_address = index_service
+    for via in ({}, {"fast_address": fast_address}):
+        with IndexClient(address, **via) as anonymous, pytest.raises(AuthenticationError):
+            anonymous.score("m", token_ids=PROMPT, block_size=16)
+        with IndexClient(address, token="wrong-token-0123456789", **via) as wrong, pytest.raises(AuthenticationError):
+            wrong.score("m", token_ids=PROMPT, block_size=16)
+        with IndexClient(address, token=TOKEN, **via) as client:
+            with pytest.raises(InvalidRequestError, match="block size"):
+                client.score("nobody/serves-this", token_ids=PROMPT)
+            with pytest.raises(InvalidRequestError, match="not both"):
+                client.score("m", token_ids=[1] * 16, block_hashes=[b"\0" * 16], block_size=16)
+            with pytest.raises(InvalidRequestError, match="16 bytes"):
+                client.score("m", block_hashes=[b"short"], block_size=16)
+            with pytest.raises(InvalidRequestError, match="token ids must be integers"):
+                client.score("m", token_ids=[-1] * 16, block_size=16)
+            with pytest.raises(InvalidRequestError, match="model is required"):
+                client.lookup("", [b"\0" * 16], block_size=16)
+    with IndexClient(address, token=TOKEN) as client:
         with pytest.raises(InvalidRequestError, match="not both"):
-            client.score("m", token_ids=[1] * 16, block_hashes=[b"\0" * 16], block_size=16)
-        with pytest.raises(InvalidRequestError, match="16 bytes"):
-            client.score("m", block_hashes=[b"short"], block_size=16)
+            client._call("Score", pb.ScoreRequest(model="m", block_size=16, block_hashes=[b"\0" * 16], packed_block_hashes=b"\0" * 16))
+        with pytest.raises(InvalidRequestError, match="4 bytes each"):
+            client._call("Score", pb.ScoreRequest(model="m", block_size=16, packed_token_ids=b"\0" * 6))
         with pytest.raises(InvalidRequestError, match="msgpack"):
             client._call("Publish", pb.PublishRequest(batch=b"\xc1 not msgpack"))
         with pytest.raises(InvalidRequestError):
@@ -196,7 +226,7 @@ def test_the_index_with_mutual_tls_admits_only_clients_with_a_certificate_from_i
     files = dict(zip(("daemon.key", "daemon.crt"), issue(ca, "node-a"), strict=True))
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    with running_index(tmp_path, env, tls_root_certificates=ca_pem(ca), tls_client_cert=router) as address:
+    with running_index(tmp_path, env, tls_root_certificates=ca_pem(ca), tls_client_cert=router) as (address, fast_address):
         # A daemon publishing with its own certificate (no token anywhere).
         daemon = LocalDaemon(tmp_path / "a", host_capacity="32MiB", args=["--node-name", "node-a", "--index", address], env={
             "KVTIER_PUBLISH_TLS_CA_FILE": str(tmp_path / "ca.crt"), "KVTIER_PUBLISH_TLS_CERT_FILE": str(tmp_path / "daemon.crt"),
@@ -204,9 +234,11 @@ def test_the_index_with_mutual_tls_admits_only_clients_with_a_certificate_from_i
         daemon.start()
         try:
             fill(daemon, 6)
-            with IndexClient(address, tls_root_certificates=ca_pem(ca), tls_client_cert=router) as trusted:
+            with IndexClient(address, tls_root_certificates=ca_pem(ca), tls_client_cert=router) as trusted, \
+                    IndexClient(address, tls_root_certificates=ca_pem(ca), tls_client_cert=router, fast_address=fast_address) as fast:
                 assert wait_until(lambda: [(s.node, s.blocks) for s in trusted.score("test/tiny", token_ids=PROMPT)] == [("node-a", 6)],
                                   timeout=20)
+                assert fast.score("test/tiny", token_ids=PROMPT) == trusted.score("test/tiny", token_ids=PROMPT)
         finally:
             daemon.stop()
         cli_tls = ["--tls-ca-file", str(tmp_path / "ca.crt"), "--tls-cert-file", str(tmp_path / "daemon.crt"),
@@ -220,6 +252,8 @@ def test_the_index_with_mutual_tls_admits_only_clients_with_a_certificate_from_i
                         {}):  # plaintext
             with IndexClient(address, timeout_s=3, **refused) as stranger, pytest.raises(IndexServiceError):
                 stranger.nodes()
+            with IndexClient(address, timeout_s=3, fast_address=fast_address, **refused) as stranger, pytest.raises(IndexServiceError):
+                stranger.score("test/tiny", token_ids=PROMPT)
 
 
 def test_an_index_on_tcp_without_credentials_does_not_start(tmp_path: Path) -> None:
@@ -231,10 +265,10 @@ def test_an_index_on_tcp_without_credentials_does_not_start(tmp_path: Path) -> N
 
 @pytest.mark.redis
 def test_daemons_publish_straight_into_redis_and_an_index_replica_answers(tmp_path: Path, redis_url: str) -> None:
-    port = free_port()
+    port, fast_port = free_port(), free_port()
     log = open(tmp_path / "index.log", "wb")  # noqa: SIM115 - closed below
     index = subprocess.Popen([sys.executable, "-m", "kvtier", "index", "serve", "--address", f"127.0.0.1:{port}",
-                              "--store", redis_url, "--namespace", "svc", "--ttl", "3"],
+                              "--fast-address", f"127.0.0.1:{fast_port}", "--store", redis_url, "--namespace", "svc", "--ttl", "3"],
                              env={**os.environ, "KVTIER_INDEX_AUTH_TOKEN": TOKEN}, stdout=log, stderr=subprocess.STDOUT)
     daemon = LocalDaemon(tmp_path / "d", host_capacity="32MiB", args=["--node-name", "redis-node", "--index", redis_url],
                          env={"KVTIER_PUBLISH_NAMESPACE": "svc", "KVTIER_PUBLISH_HEARTBEAT_S": "0.5"})
@@ -249,6 +283,8 @@ def test_daemons_publish_straight_into_redis_and_an_index_replica_answers(tmp_pa
                     return []
 
             assert wait_until(lambda: blocks() == [("redis-node", 7)], timeout=30), (tmp_path / "index.log").read_text()
+            with IndexClient(f"127.0.0.1:{port}", token=TOKEN, fast_address=f"127.0.0.1:{fast_port}") as fast:
+                assert fast.score("test/tiny", token_ids=PROMPT) == client.score("test/tiny", token_ids=PROMPT)
         stats = json.loads(kvtier_cli("stats", "--socket", str(daemon.socket_path), "--json").stdout)
         assert stats["publish"]["publishing"] and stats["publish"]["target"].startswith("redis://")
     finally:

@@ -34,7 +34,7 @@ def test_score_sees_the_engines_gpu_blocks_and_the_daemons_tiers(tiny_model: Pat
     index_address = f"127.0.0.1:{index_port}"
     index_log = open(tmp_path / "index.log", "wb")  # noqa: SIM115 - closed below
     index = subprocess.Popen(
-        [sys.executable, "-m", "kvtier", "index", "serve", "--address", index_address, "--ttl", "30",
+        [sys.executable, "-m", "kvtier", "index", "serve", "--address", index_address, "--fast-address", "127.0.0.1:0", "--ttl", "30",
          "--engine-events", f"node-a=tcp://127.0.0.1:{events_port}"],
         env={**os.environ, "KVTIER_INDEX_AUTH_TOKEN": TOKEN}, stdout=index_log, stderr=subprocess.STDOUT)
     publish_env = {"KVTIER_PUBLISH_AUTH_TOKEN": TOKEN, "KVTIER_PUBLISH_HEARTBEAT_S": "0.5"}
