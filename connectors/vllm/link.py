@@ -27,12 +27,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from connectors.vllm.embedded import default_socket_path, ensure_daemon
 from connectors.vllm.settings import ConnectorSettings
+from connectors.vllm.stats import FAILURE_COUNTERS
 from kvtier.blocks import KVLayout
 from kvtier.client import DaemonClient
 from kvtier.daemon.server import socket_is_live
@@ -43,13 +45,18 @@ T = TypeVar("T")
 
 _PROBE_INTERVAL_S = 0.05  # between probes of a slow daemon (doubling up to _PROBE_MAX_INTERVAL_S)
 _PROBE_MAX_INTERVAL_S = 1.0
+_REPORT_AGAIN_S = 60.0  # unchanged counters are sent again this often (a restarted daemon starts empty)
 
 
 class DaemonLink:
-    def __init__(self, settings: ConnectorSettings, layouts: Sequence[KVLayout], client_id: str) -> None:
+    def __init__(self, settings: ConnectorSettings, layouts: Sequence[KVLayout], client_id: str, *, role: str,
+                 stats: Counter[str]) -> None:
         self.settings = settings
         self.layouts = list(layouts)
         self.client_id = client_id
+        self.role = role
+        self.stats = stats  # the owner's lifetime counters: the link adds its own and reports them all
+        self._reported: tuple[float, dict[str, int]] = (0.0, {})  # when, and what, the daemon last accepted
         self._lock = threading.Lock()
         self._client: DaemonClient | None = None
         self._registered = False
@@ -60,9 +67,10 @@ class DaemonLink:
         self._connecting: Future[bool] | None = None
         self._probing: Future[None] | None = None
         self._watching: Future[None] | None = None  # for the daemon's return while backing off
-        self.counters = {"timeouts": 0, "unreachable": 0, "refused": 0}
         self.prefill_hint = 0.0  # the prefill rate (tokens/s) the daemon last heard for our layouts
         self.wants_block_descriptions = False  # the daemon publishes vLLM KV events: describe saved blocks
+        self._reporter = threading.Thread(target=self._report_loop, name="kvtier-report", daemon=True)
+        self._reporter.start()
 
     @property
     def available(self) -> bool:
@@ -123,12 +131,12 @@ class DaemonLink:
         except DaemonUnavailableError as exc:
             self._on_unreachable(exc)
         except KVTierError as exc:
-            self.counters["refused"] += 1
+            self.stats["daemon_refused"] += 1
             log.warning("kvtier daemon refused a call (%s); that call is a miss", exc)
         return None
 
     def _on_unreachable(self, exc: DaemonUnavailableError) -> None:
-        self.counters["unreachable"] += 1
+        self.stats["daemon_unreachable"] += 1
         self._registered = False
         self._forget_client()  # the next connect opens new connections (and, embedded, may start a daemon)
         self._down_until = time.monotonic() + self.settings.retry_after_s
@@ -164,7 +172,7 @@ class DaemonLink:
             client.close()
 
     def _on_timeout(self, exc: DaemonTimeoutError) -> None:
-        self.counters["timeouts"] += 1
+        self.stats["daemon_timeouts"] += 1
         if not self._slow.is_set():
             self._slow.set()
             log.warning("kvtier daemon is late (%s); treating kvtier as a miss until it answers again", exc)
@@ -204,8 +212,35 @@ class DaemonLink:
                 pass
         return running
 
+    # ---- counters for `kvtier stats` ----------------------------------------------------------
+
+    def _report_loop(self) -> None:
+        while not self._closed.wait(self.settings.report_interval_s):
+            self.report_counters()
+
+    def report_counters(self) -> bool:
+        """Send the owner's counters to the daemon if they changed (or every minute), on the
+        calling thread; never connects or starts a daemon, never backs the link off. True if sent."""
+        client = self._client
+        if client is None or not self._registered or not self.available:
+            return False
+        counters = dict(self.stats)  # one C-level copy: safe while the step thread counts
+        sent_at, sent = self._reported
+        if counters == sent and time.monotonic() - sent_at < _REPORT_AGAIN_S:
+            return False
+        failures = {name: value for name, value in counters.items() if name in FAILURE_COUNTERS}
+        try:
+            client.report_counters(self.role, counters, failures, timeout_s=min(self.settings.timeout_s, 1.0))
+        except KVTierError as exc:  # the calls that matter notice a daemon that is gone or late
+            log.debug("reporting counters to the kvtier daemon failed: %s", exc)
+            return False
+        self._reported = (time.monotonic(), counters)
+        return True
+
     def close(self) -> None:
         self._closed.set()
+        self._reporter.join(timeout=5)
+        self.report_counters()  # the last word: what this client counted until now
         self._background.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             if self._client is not None:

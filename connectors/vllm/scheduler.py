@@ -30,6 +30,7 @@ its engine block ids, which blocks it loaded, and how far saving has got.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -120,7 +121,10 @@ class SchedulerSide:
         self.block_nbytes = sum(layout.block_nbytes for layout in self.layouts)
         self.host_loads_in_background = settings.host_loads == "background" or (
             settings.host_loads == "auto" and _on_gpu(vllm_config))
-        self.link = DaemonLink(settings, self.layouts, client_id="vllm-scheduler")
+        self.interval = StatsInterval()
+        self.stats = self.interval.total
+        self.link = DaemonLink(settings, self.layouts, client_id=f"vllm-scheduler-{os.getpid()}", role="vllm-scheduler",
+                               stats=self.stats)
         self.estimates = Estimates(min_prefill_tokens=2 * self.block_size)
         self.link.connect()
         self.estimates.seed_prefill(self.link.prefill_hint)  # what an earlier engine of this layout measured
@@ -134,8 +138,6 @@ class SchedulerSide:
         self.unannounced: dict[bytes, _PendingEvent] = {}
         self._descriptions: list[tuple[bytes, bytes | None, list[int], str | None]] = []  # for the daemon's vLLM events
         self.events: list[Any] = []
-        self.interval = StatsInterval()
-        self.stats = self.interval.total
         self.announced: OrderedDict[bytes, None] = OrderedDict()  # blocks already in a STORAGE event
         self.slowest_lookup_s = 0.0
         self._tried_at: dict[str, float] = {}  # tier -> when a load from it was last tried
@@ -576,7 +578,8 @@ class SchedulerSide:
         self._releaser.shutdown(wait=True)
         self.link.close()
         log.info("KVTierConnector scheduler stats: %s; slowest lookup %.1f ms; link: %s; prefill %s tokens/s", dict(self.stats),
-                 self.slowest_lookup_s * 1000, self.link.counters, self.estimates.prefill_tokens_per_s)
+                 self.slowest_lookup_s * 1000, {k: v for k, v in self.stats.items() if k.startswith("daemon_")},
+                 self.estimates.prefill_tokens_per_s)
 
 
 _TIER_ORDER = {"host": 0, "disk": 1, "s3": 2}

@@ -40,6 +40,9 @@ class ConnectorSettings(BaseModel):
     # the engine is idle, before asking again next step; a busy engine never blocks. 0 never blocks.
     lookup_wait_s: float = Field(default=0.002, ge=0, le=0.1)
     retry_after_s: float = Field(default=5.0, ge=0)  # after the daemon was unreachable, skip it this long
+    # How often the connector sends its counters (loads, saves, failures) to the daemon, off the
+    # step, for `kvtier stats`; and once more when the engine shuts down.
+    report_interval_s: float = Field(default=5.0, gt=0)
     # The most kvtier may add to a request's time to first token, against recomputing it: this
     # fraction of the request's measured recompute time, and at least min_loss_s. Lookups and
     # loads from disk, S3 or peers that would take longer are given up (what arrived is used).

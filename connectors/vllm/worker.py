@@ -122,6 +122,8 @@ class WorkerSide:
         self.vllm_config = vllm_config
         self.kv_cache_config = kv_cache_config
         self.enabled = False
+        self.interval = StatsInterval()
+        self.stats = self.interval.total
         try:
             rank = _tensor_parallel_rank(vllm_config.parallel_config.tensor_parallel_size)
             self.layout: KVLayout | None = layout_for_rank(vllm_config, kv_cache_config, rank, settings.model_id,
@@ -131,7 +133,8 @@ class WorkerSide:
                       "(loads the scheduler asks for are reported failed and recomputed)", exc)
             self.layout, self.link = None, None
         else:
-            self.link = DaemonLink(settings, [self.layout], client_id=f"vllm-worker-{rank}-{os.getpid()}")
+            self.link = DaemonLink(settings, [self.layout], client_id=f"vllm-worker-{rank}-{os.getpid()}", role="vllm-worker",
+                                   stats=self.stats)
         self.paged: Any = None
         self.copier: Any = None
         self._mapping: _Mapping | None = None
@@ -162,8 +165,6 @@ class WorkerSide:
         self._step_samples: list[tuple[int, float]] = []
         self._warmed_up = False  # the first timed step (one-off costs) is not sampled
         self._cuda_steps: list[tuple[int, Any, Any]] = []
-        self.interval = StatsInterval()
-        self.stats = self.interval.total
         self._closed = False
 
     # ---- setup -------------------------------------------------------------------------------

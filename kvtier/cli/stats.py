@@ -7,11 +7,13 @@ import dataclasses
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from kvtier.cli.format import render_chain_stats
 from kvtier.client import DaemonClient, DaemonStats
 from kvtier.config import load_config
+from kvtier.daemon.client_counters import ClientCounters, failure_totals
 from kvtier.events.model import PublisherStatus
 
 
@@ -23,12 +25,25 @@ def stats_to_dict(stats: DaemonStats) -> dict[str, object]:
         "active_reservations": stats.active_reservations,
         **stats.chain.to_dict(),
         "publish": dataclasses.asdict(stats.publish) if stats.publish else None,
+        "clients": [dataclasses.asdict(client) for client in stats.clients],
+        "client_failures": failure_totals(stats.clients),
     }
 
 
 def render(stats: DaemonStats) -> str:
     header = f"kvtier {stats.version} on {stats.node}, up {stats.uptime_s:.0f}s, {stats.active_reservations} open reservations"
-    return header + "\n" + render_chain_stats(stats.chain) + render_publish(stats.publish)
+    return header + "\n" + render_chain_stats(stats.chain) + render_clients(stats.clients) + render_publish(stats.publish)
+
+
+def render_clients(clients: tuple[ClientCounters, ...]) -> str:
+    """The connectors' side: who reports, and every failure they counted (summed)."""
+    if not clients:
+        return ""
+    roles = Counter(client.role for client in clients)
+    failures = failure_totals(clients)
+    counted = ", ".join(f"{name} {value}" for name, value in failures.items()) if failures else "none"
+    return (f"\nclients reporting: {len(clients)} ({', '.join(f'{role} {n}' for role, n in sorted(roles.items()))}); "
+            f"failures they counted: {counted}")
 
 
 def render_publish(publish: PublisherStatus | None) -> str:

@@ -41,6 +41,7 @@ from kvtier.client.types import (
     Reservation,
     ReserveStatus,
 )
+from kvtier.daemon.client_counters import ClientCounters
 from kvtier.daemon.wire import layout_to_proto
 from kvtier.errors import CorruptBlockError, LayoutError
 from kvtier.events.model import PublisherStatus
@@ -294,7 +295,15 @@ class DaemonClient:
             p = reply.publish
             publish = PublisherStatus(p.target, p.publishing, p.session, p.seq, p.pending_events, p.last_published_age_s,
                                       p.resyncs, p.last_error)
-        return DaemonStats(chain, reply.active_reservations, reply.uptime_s, reply.node, reply.version, publish)
+        clients = tuple(ClientCounters(c.client_id, c.role, dict(c.counters), dict(c.failures), c.age_s) for c in reply.clients)
+        return DaemonStats(chain, reply.active_reservations, reply.uptime_s, reply.node, reply.version, publish, clients)
+
+    def report_counters(self, role: str, counters: Mapping[str, int], failures: Mapping[str, int],
+                        timeout_s: float | None = None) -> None:
+        """Send this client's lifetime counters (and which of them count failures); ``kvtier stats``
+        shows the latest report of every client."""
+        self._call("ReportCounters", pb.ReportCountersRequest(client_id=self.client_id, role=role, counters=counters,
+                                                              failures=failures), timeout_s)
 
     # ---- data plane --------------------------------------------------------------------------
 

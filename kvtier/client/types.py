@@ -8,6 +8,7 @@ from enum import Enum
 from typing import NamedTuple
 
 from kvtier.chain.stats import ChainStats
+from kvtier.daemon.client_counters import ClientCounters
 from kvtier.events.model import PublisherStatus
 
 
@@ -66,6 +67,7 @@ class DaemonStats:
     node: str
     version: str
     publish: PublisherStatus | None = None  # None: the daemon runs no index publisher
+    clients: tuple[ClientCounters, ...] = ()  # the latest counters each reporting client sent (the connector's)
 
 
 class PendingCommit:

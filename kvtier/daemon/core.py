@@ -32,6 +32,7 @@ from kvtier.blocks.layout import KVLayout
 from kvtier.chain import ChainStats, NotReserved, TierChain
 from kvtier.chain.promotion import FetchBudget
 from kvtier.config import DaemonConfig
+from kvtier.daemon.client_counters import ClientCounterBoard
 from kvtier.errors import InvalidRequestError, LayoutError, LeaseError
 from kvtier.events.vllm_out import BlockDescription, BlockDescriptions
 from kvtier.tiers.host import Slot
@@ -99,6 +100,7 @@ class DaemonCore:
         self.instance = uuid.uuid4().hex  # new on every start: clients re-map the arena when it changes
         self.on_new_layout: Callable[[KVLayout], None] | None = None  # the index publisher listens
         self.descriptions: BlockDescriptions | None = None  # set when the daemon publishes vLLM KV events
+        self.client_counters = ClientCounterBoard()  # what clients count on their side (Stats shows it)
 
     # ---- layouts -----------------------------------------------------------------------------
 
@@ -325,6 +327,10 @@ class DaemonCore:
             raise InvalidRequestError("client_id must be a non-empty string of at most 256 characters")
 
     # ---- stats -------------------------------------------------------------------------------
+
+    def report_counters(self, client_id: str, role: str, counters: dict[str, int], failures: dict[str, int]) -> None:
+        self.check_client_id(client_id)
+        self.client_counters.report(client_id, role, counters, failures)
 
     def stats(self) -> tuple[ChainStats, int]:
         with self._lock:

@@ -174,7 +174,14 @@ class DaemonServicer(pb_grpc.KVTierDaemonServicer):
             node=self.node,
             version=__version__,
             publish=self._publish_status(),
+            clients=[pb.ClientCounters(client_id=c.client_id, role=c.role, counters=c.counters, failures=c.failures, age_s=c.age_s)
+                     for c in self.core.client_counters.snapshot()],
         )
+
+    @_rpc
+    def ReportCounters(self, request: pb.ReportCountersRequest, context: grpc.ServicerContext) -> pb.ReportCountersResponse:
+        self.core.report_counters(request.client_id, request.role, dict(request.counters), dict(request.failures))
+        return pb.ReportCountersResponse()
 
     def _publish_status(self) -> pb.PublishStatus | None:
         publisher = self.publisher

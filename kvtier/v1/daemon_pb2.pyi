@@ -326,7 +326,7 @@ class TierStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., evictions: _Optional[int] = ..., dropped: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., corrupt: _Optional[int] = ..., errors: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("tiers", "pending_demotions", "active_leases", "pinned_blocks", "active_reservations", "uptime_s", "node", "version", "publish")
+    __slots__ = ("tiers", "pending_demotions", "active_leases", "pinned_blocks", "active_reservations", "uptime_s", "node", "version", "publish", "clients")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     PENDING_DEMOTIONS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_LEASES_FIELD_NUMBER: _ClassVar[int]
@@ -336,6 +336,7 @@ class StatsResponse(_message.Message):
     NODE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PUBLISH_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     pending_demotions: int
     active_leases: int
@@ -345,7 +346,66 @@ class StatsResponse(_message.Message):
     node: str
     version: str
     publish: PublishStatus
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., pending_demotions: _Optional[int] = ..., active_leases: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., active_reservations: _Optional[int] = ..., uptime_s: _Optional[float] = ..., node: _Optional[str] = ..., version: _Optional[str] = ..., publish: _Optional[_Union[PublishStatus, _Mapping]] = ...) -> None: ...
+    clients: _containers.RepeatedCompositeFieldContainer[ClientCounters]
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., pending_demotions: _Optional[int] = ..., active_leases: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., active_reservations: _Optional[int] = ..., uptime_s: _Optional[float] = ..., node: _Optional[str] = ..., version: _Optional[str] = ..., publish: _Optional[_Union[PublishStatus, _Mapping]] = ..., clients: _Optional[_Iterable[_Union[ClientCounters, _Mapping]]] = ...) -> None: ...
+
+class ReportCountersRequest(_message.Message):
+    __slots__ = ("client_id", "role", "counters", "failures")
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class FailuresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    role: str
+    counters: _containers.ScalarMap[str, int]
+    failures: _containers.ScalarMap[str, int]
+    def __init__(self, client_id: _Optional[str] = ..., role: _Optional[str] = ..., counters: _Optional[_Mapping[str, int]] = ..., failures: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class ReportCountersResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClientCounters(_message.Message):
+    __slots__ = ("client_id", "role", "counters", "failures", "age_s")
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class FailuresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    AGE_S_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    role: str
+    counters: _containers.ScalarMap[str, int]
+    failures: _containers.ScalarMap[str, int]
+    age_s: float
+    def __init__(self, client_id: _Optional[str] = ..., role: _Optional[str] = ..., counters: _Optional[_Mapping[str, int]] = ..., failures: _Optional[_Mapping[str, int]] = ..., age_s: _Optional[float] = ...) -> None: ...
 
 class PublishStatus(_message.Message):
     __slots__ = ("target", "publishing", "session", "seq", "pending_events", "last_published_age_s", "resyncs", "last_error")

@@ -89,6 +89,11 @@ class KVTierDaemonStub:
                 request_serializer=kvtier_dot_v1_dot_daemon__pb2.DescribeBlocksRequest.SerializeToString,
                 response_deserializer=kvtier_dot_v1_dot_daemon__pb2.DescribeBlocksResponse.FromString,
                 _registered_method=True)
+        self.ReportCounters = channel.unary_unary(
+                '/kvtier.v1.KVTierDaemon/ReportCounters',
+                request_serializer=kvtier_dot_v1_dot_daemon__pb2.ReportCountersRequest.SerializeToString,
+                response_deserializer=kvtier_dot_v1_dot_daemon__pb2.ReportCountersResponse.FromString,
+                _registered_method=True)
 
 
 class KVTierDaemonServicer:
@@ -168,6 +173,13 @@ class KVTierDaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportCounters(self, request, context):
+        """A client's lifetime counters (the vLLM connector's loads, saves and failures), shown by Stats.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTierDaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -225,6 +237,11 @@ def add_KVTierDaemonServicer_to_server(servicer, server):
                     servicer.DescribeBlocks,
                     request_deserializer=kvtier_dot_v1_dot_daemon__pb2.DescribeBlocksRequest.FromString,
                     response_serializer=kvtier_dot_v1_dot_daemon__pb2.DescribeBlocksResponse.SerializeToString,
+            ),
+            'ReportCounters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportCounters,
+                    request_deserializer=kvtier_dot_v1_dot_daemon__pb2.ReportCountersRequest.FromString,
+                    response_serializer=kvtier_dot_v1_dot_daemon__pb2.ReportCountersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -524,6 +541,33 @@ class KVTierDaemon:
             '/kvtier.v1.KVTierDaemon/DescribeBlocks',
             kvtier_dot_v1_dot_daemon__pb2.DescribeBlocksRequest.SerializeToString,
             kvtier_dot_v1_dot_daemon__pb2.DescribeBlocksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportCounters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.KVTierDaemon/ReportCounters',
+            kvtier_dot_v1_dot_daemon__pb2.ReportCountersRequest.SerializeToString,
+            kvtier_dot_v1_dot_daemon__pb2.ReportCountersResponse.FromString,
             options,
             channel_credentials,
             insecure,

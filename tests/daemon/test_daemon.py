@@ -14,8 +14,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvtier.blocks import hash_prompt
+from kvtier.blocks import KVLayout, hash_prompt
 from kvtier.client import ReserveStatus
+from kvtier.errors import InvalidRequestError
 from tests.daemon.conftest import LAYOUT, DaemonProcess, payload
 
 WRITER = textwrap.dedent(
@@ -167,3 +168,52 @@ def test_stats_cli_without_daemon(daemon_root) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "kvtier: error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_what_clients_count_shows_in_kvtier_stats(daemon: DaemonProcess) -> None:
+    with daemon.client(client_id="engine-a-worker") as worker, daemon.client(client_id="engine-b-scheduler") as scheduler:
+        worker.report_counters("vllm-worker", {"loaded_blocks": 10, "load_corrupt": 2}, {"load_corrupt": 2})
+        scheduler.report_counters("vllm-scheduler", {"lookups": 5, "lookup_unavailable": 1}, {"lookup_unavailable": 1})
+        worker.report_counters("vllm-worker", {"loaded_blocks": 12, "load_corrupt": 3}, {"load_corrupt": 3})  # replaces the first
+        for counters, role in (({"Bad-Name": 1}, "vllm-worker"), ({"x" * 80: 1}, "vllm-worker"), ({}, "")):
+            with pytest.raises(InvalidRequestError):
+                worker.report_counters(role, counters, {})
+        clients = {c.client_id: c for c in worker.stats().clients}
+    assert {name: (c.role, c.counters, c.failures) for name, c in clients.items()} == {
+        "engine-a-worker": ("vllm-worker", {"loaded_blocks": 12, "load_corrupt": 3}, {"load_corrupt": 3}),
+        "engine-b-scheduler": ("vllm-scheduler", {"lookups": 5, "lookup_unavailable": 1}, {"lookup_unavailable": 1}),
+    }
+    base = [sys.executable, "-m", "kvtier", "stats", "--socket", str(daemon.socket_path)]
+    table = subprocess.run(base, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert ("clients reporting: 2 (vllm-scheduler 1, vllm-worker 1); failures they counted: load_corrupt 3, "
+            "lookup_unavailable 1") in table, table
+    data = json.loads(subprocess.run(base + ["--json"], capture_output=True, text=True, timeout=60, check=True).stdout)
+    assert data["client_failures"] == {"load_corrupt": 3, "lookup_unavailable": 1}
+    assert {c["client_id"] for c in data["clients"]} == set(clients)
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "grpc"])
+def test_a_refreshing_lookup_keeps_blocks_in_host_memory_without_counting_a_hit(daemon_root, fast_path: bool) -> None:
+    layout = KVLayout(model="test/refresh", dtype="float16", num_layers=2, num_kv_heads=8, head_size=128, block_size=16)
+    assert layout.block_nbytes == 128 * 1024  # eight fill the 1 MiB of host memory
+    daemon = DaemonProcess(daemon_root, extra_args=["--host-capacity", "1MiB"])
+    daemon.start()
+    try:
+        hashes = hash_prompt(list(range(16 * 11)), 16)
+        with daemon.client(fast_path=fast_path) as client:
+            reg = client.register_layout(layout)
+
+            def store(blocks: list[bytes]) -> None:
+                client.write_blocks(reg.layout_id, {h: h * (layout.block_nbytes // len(h)) for h in blocks})
+                assert daemon.wait_for_saves(min(len(blocks), 8), timeout=30)  # written back: eviction follows recency alone
+
+            store(hashes[:8])
+            hits = client.stats().chain.tiers[0].counters.hits
+            assert client.lookup(reg.layout_id, hashes[:2], refresh=True) == ["host", "host"]
+            for block in hashes[8:11]:
+                store([block])
+            assert client.lookup(reg.layout_id, hashes[:2]) == ["host", "host"]  # kept: used just now
+            assert client.lookup(reg.layout_id, hashes[2:3]) == ["disk"]  # evicted in their place
+            assert client.stats().chain.tiers[0].counters.hits == hits
+    finally:
+        daemon.stop()

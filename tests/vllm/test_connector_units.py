@@ -100,6 +100,8 @@ def test_a_call_on_the_step_never_connects() -> None:
     import tempfile
     from pathlib import Path
 
+    from collections import Counter
+
     from connectors.vllm.link import DaemonLink
     from kvtier.blocks import KVLayout
     from kvtier.testing.daemon import LocalDaemon, wait_until
@@ -108,7 +110,8 @@ def test_a_call_on_the_step_never_connects() -> None:
     daemon = LocalDaemon(root, env={"KVTIER_HOST_SLAB_SIZE": "1MiB"})
     daemon.start()
     layout = KVLayout(model="test/tiny", dtype="float16", num_layers=2, num_kv_heads=2, head_size=64, block_size=16)
-    link = DaemonLink(settings_from({"socket_path": str(daemon.socket_path)}), [layout], client_id="step-test")
+    link = DaemonLink(settings_from({"socket_path": str(daemon.socket_path)}), [layout], client_id="step-test", role="test",
+                      stats=Counter())
     try:
         calls: list[str] = []
         assert link.call(lambda client: calls.append("ran") or "ok", on_step=True) is None

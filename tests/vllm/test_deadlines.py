@@ -5,6 +5,7 @@ worker's asynchronous load gives up with what arrived when the daemon stops answ
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def daemon(small_daemon: LocalDaemon) -> LocalDaemon:
 
 def make_link(daemon: LocalDaemon, **settings) -> DaemonLink:
     link = DaemonLink(settings_from({"socket_path": str(daemon.socket_path), "timeout_s": 0.3, **settings}), [LAYOUT],
-                      client_id="deadline-test")
+                      client_id="deadline-test", role="test", stats=Counter())
     assert link.connect()
     return link
 
@@ -43,7 +44,7 @@ def test_a_late_daemon_is_skipped_until_it_answers_again(daemon: LocalDaemon) ->
         assert link.call(lambda c: c.lookup(LAYOUT.layout_id, HASHES)) == []
         daemon.pause()
         assert link.call(lambda c: c.lookup(LAYOUT.layout_id, HASHES)) is None  # the call misses its deadline
-        assert not link.available and link.counters["timeouts"] == 1
+        assert not link.available and link.stats["daemon_timeouts"] == 1
         ran: list[bool] = []
         assert link.call(lambda c: ran.append(True)) is None
         assert not ran, "while the daemon is late no call may wait for it"
@@ -51,7 +52,7 @@ def test_a_late_daemon_is_skipped_until_it_answers_again(daemon: LocalDaemon) ->
         assert wait_until(lambda: link.available, timeout=10), "the probe must notice the daemon answers again"
         # Late is not gone: no back-off (retry_after_s is a minute here), the same connection works.
         assert link.call(lambda c: c.lookup(LAYOUT.layout_id, HASHES)) == []
-        assert link.counters["unreachable"] == 0
+        assert link.stats["daemon_unreachable"] == 0
     finally:
         link.close()
 
@@ -61,7 +62,7 @@ def test_an_unreachable_daemon_is_backed_off_then_reconnected(daemon: LocalDaemo
     try:
         daemon.stop()
         assert link.call(lambda c: c.lookup(LAYOUT.layout_id, HASHES)) is None
-        assert link.counters["unreachable"] == 1 and not link.available
+        assert link.stats["daemon_unreachable"] == 1 and not link.available
         ran: list[bool] = []
         assert link.call(lambda c: ran.append(True)) is None and not ran  # backing off: no call at all
         daemon.start()
@@ -82,7 +83,7 @@ def test_a_restarted_daemon_ends_the_back_off_as_soon_as_it_is_back(daemon: Loca
         daemon.start()
         assert wait_until(lambda: link.available, timeout=20), "the link must notice the daemon is back"
         assert link.call(lambda c: c.lookup(LAYOUT.layout_id, HASHES)) == []
-        assert link.client.daemon_instance not in (None, first) and link.counters["unreachable"] == 1
+        assert link.client.daemon_instance not in (None, first) and link.stats["daemon_unreachable"] == 1
     finally:
         link.close()
 
@@ -91,7 +92,7 @@ def test_a_refused_call_is_one_miss_not_a_back_off(daemon: LocalDaemon) -> None:
     link = make_link(daemon, retry_after_s=60)
     try:
         assert link.call(lambda c: c.lookup(LAYOUT.layout_id, [b"short"])) is None  # INVALID_ARGUMENT
-        assert link.counters["refused"] == 1 and link.available
+        assert link.stats["daemon_refused"] == 1 and link.available
         assert link.call(lambda c: c.lookup(LAYOUT.layout_id, HASHES)) == []
     finally:
         link.close()

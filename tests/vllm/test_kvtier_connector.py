@@ -23,6 +23,7 @@ import pytest
 from kvtier.blocks import payload_checksum
 from kvtier.blocks.keys import block_key_of
 from kvtier.blocks.record import HEADER_NBYTES, decode_header, encode_header
+from kvtier.daemon.client_counters import failure_totals
 from kvtier.testing.daemon import free_port
 from kvtier.testing.workload import kvtier_connector_config as kvtier_config
 from tests.daemon.conftest import DaemonProcess
@@ -307,7 +308,7 @@ def test_engine_survives_daemon_death_and_reconnects(tiny_model, workdir, refere
     marker_dir = workdir / "fault"
     shutil.rmtree(marker_dir, ignore_errors=True)
     marker_dir.mkdir(parents=True)
-    config = kvtier_config(daemon.socket_path, retry_after_s=0.5)
+    config = kvtier_config(daemon.socket_path, retry_after_s=0.5, report_interval_s=0.2)
     import json
 
     (marker_dir / "spec.json").write_text(json.dumps({
@@ -334,7 +335,16 @@ def test_engine_survives_daemon_death_and_reconnects(tiny_model, workdir, refere
         assert [o["token_ids"] for o in results[batch]] == [o["token_ids"] for o in reference["follow_ups"]]
     # Batch 1 ran with the daemon dead: only vLLM's own prefix cache; batch 2 saved and looked up again.
     with daemon.client() as client:
-        assert client.stats().chain.tiers[0].counters.bytes_in > 0, "the engine did not reconnect"
+        stats = client.stats()
+    assert stats.chain.tiers[0].counters.bytes_in > 0, "the engine did not reconnect"
+    # What the connector counted on its side reached the restarted daemon: `kvtier stats` shows
+    # that it lost the daemon (and the lookups that could not be made meanwhile).
+    roles = {c.role for c in stats.clients}
+    assert roles == {"vllm-scheduler", "vllm-worker"}, stats.clients
+    failures = failure_totals(stats.clients)
+    assert failures.get("daemon_unreachable", 0) >= 1 and failures.get("lookup_unavailable", 0) >= 1, failures
+    scheduler = next(c for c in stats.clients if c.role == "vllm-scheduler")
+    assert scheduler.counters["lookups"] >= len(FOLLOW_UPS) and scheduler.failures.keys() <= scheduler.counters.keys()
 
 
 def wait_for(path: Path, engine: subprocess.Popen, timeout: float = 600) -> None:
