@@ -97,7 +97,8 @@ _RUNNER = textwrap.dedent(
                 return out
             for m in llm.get_metrics():
                 if m.name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:num_preemptions",
-                              "vllm:external_prefix_cache_queries", "vllm:external_prefix_cache_hits"):
+                              "vllm:external_prefix_cache_queries", "vllm:external_prefix_cache_hits",
+                              "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens"):
                     out[m.name.split(":", 1)[1]] = getattr(m, "value", None)
             return out
 

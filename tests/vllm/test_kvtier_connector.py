@@ -504,3 +504,35 @@ def test_kv_events_report_kvtier_blocks(tiny_model, workdir, daemon) -> None:
     daemon.start()  # the blocks are on disk now
     events = collect_events(tiny_model, workdir / "events", "loader", daemon, [PROMPT_B])
     assert "STORAGE" in stored_media(events)
+
+
+def test_speculative_decoding_saves_only_accepted_tokens_and_loads_right(tiny_model, workdir, daemon) -> None:
+    """N-gram speculative decoding (vLLM proposes draft tokens the model then checks; here it
+    rejects them): saves never cover rejected drafts, a fresh speculative engine loads the prefix
+    and the blocks decoded under speculation, and outputs equal the same engine's without kvtier."""
+    spec = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+                                   "prompt_lookup_max": 4}}
+    motif = make_random_prompts(1, 48, seed=5)[0]
+    document = (motif * 14)[:640]  # repeats: the n-gram proposer finds drafts in the context
+    fill, follow_up = document + make_random_prompts(1, 40, seed=6)[0], document + make_random_prompts(1, 40, seed=7)[0]
+    reference = run_engine_subprocess(tiny_model, [[fill], [follow_up]], workdir=workdir / "spec", name="spec-reference",
+                                      max_tokens=48, llm_kwargs=spec)
+    assert reference.counters(0).get("spec_decode_num_draft_tokens", 0) > 0, reference.counters(0)
+    first = run_engine_subprocess(tiny_model, [[fill]], workdir=workdir / "spec", name="spec-fill", max_tokens=48, llm_kwargs=spec,
+                                  kv_transfer_config=kvtier_config(daemon.socket_path))
+    assert first.token_ids(0) == reference.token_ids(0)
+    assert first.counters(0).get("spec_decode_num_draft_tokens", 0) > 0
+    assert daemon.wait_for_saves((len(fill) + 48) // BLOCK)  # 22 blocks: the last two hold decoded tokens
+    # A prompt that runs into the tokens decoded under speculation: its blocks hold no draft's KV.
+    extended = fill + first.token_ids(0)[0][:40]
+    extended_reference = run_engine_subprocess(tiny_model, [[extended]], workdir=workdir / "spec", name="spec-extended-reference",
+                                               max_tokens=48, llm_kwargs=spec)
+    fresh = run_engine_subprocess(tiny_model, [[follow_up, extended]], workdir=workdir / "spec", name="spec-fresh", max_tokens=48,
+                                  llm_kwargs=spec, kv_transfer_config=kvtier_config(daemon.socket_path))
+    assert fresh.token_ids(0) == reference.token_ids(1) + extended_reference.token_ids(0)
+    # Both share the document: whichever is scheduled second may find it in vLLM's own prefix
+    # cache; everything else loadable came from kvtier, the blocks decoded under speculation included.
+    counters = fresh.counters(0)
+    extended_loadable = (len(extended) - 1) // BLOCK * BLOCK
+    assert counters["external_prefix_cache_hits"] + counters["prefix_cache_hits"] == len(document) + extended_loadable, counters
+    assert counters["external_prefix_cache_hits"] >= extended_loadable, counters
