@@ -29,7 +29,7 @@ one-off costs). Each timed prompt runs on the engine under test and on a no-offl
 (``paired``); vLLM's prefix cache is off everywhere, so a repeated prefix can only come from the
 connector. Outputs are checked identical. Targets: every kvtier row at most as slow as
 recomputing (cold rows: 5% slower), host hits at most half ExampleConnector's TTFT, disk hits no
-slower than it. Also the connector's cost when nothing hits (hooks on the step loop, target 2%).
+slower than it. The connector's cost on the step loop is ``benchmarks/step_cost.py``.
 
     python -m benchmarks.ttft [--quick]
 """
@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Row, run_benchmark
-from connectors.vllm.step_timer import IDLE_WAIT
 from kvtier.testing.daemon import LocalDaemon, free_port
 from kvtier.testing.engine import EngineSession
 from kvtier.testing.tiny_model import WIDE_MODEL, tiny_model_path
@@ -72,7 +71,6 @@ class Config:
     documents: int
     embedded: bool = False  # also measure the embedded default
     s3: bool = False  # also measure S3 as the only lower tier
-    overhead: bool = False  # also measure the connector's cost when nothing hits
 
     @property
     def block_nbytes(self) -> int:
@@ -97,11 +95,11 @@ TINY = {"max_position_embeddings": 8192}  # 4 KiB per token
 WIDE = {**WIDE_MODEL}  # 32 KiB per token
 
 QUICK = [
-    Config("64 KiB blocks, 1k-token documents", NARROW, 2 * KiB, 32, 1024, 5, overhead=True),
+    Config("64 KiB blocks, 1k-token documents", NARROW, 2 * KiB, 32, 1024, 5),
     Config("1 MiB blocks, 4k-token documents", WIDE, 32 * KiB, 32, 4000, 3, embedded=True),
 ]
 FULL = [
-    Config("64 KiB blocks, 1k-token documents", NARROW, 2 * KiB, 32, 1024, 4, overhead=True),
+    Config("64 KiB blocks, 1k-token documents", NARROW, 2 * KiB, 32, 1024, 4),
     Config("256 KiB blocks, 4k-token documents", TINY, 4 * KiB, 64, 4000, 3, s3=True),
     Config("1 MiB blocks, 2k-token documents", WIDE, 32 * KiB, 32, 2000, 3, embedded=True),
     Config("1 MiB blocks, 8k-token documents", WIDE, 32 * KiB, 32, 8000, 2),
@@ -188,8 +186,6 @@ def measure(config: Config, root: Path, quick: bool, lmcache: bool) -> list[Row]
                 fresh.generate([[workload[3][0][:QUESTION_TOKENS]]], max_tokens=1)  # reconnect (an unrelated short prompt)
                 disk_same = paired(fresh, base, workload[0])
                 measured.rows.append(ttft_row(f"{label} | kvtier disk hit, same prompt (daemon restarted)", disk_same, extra))
-            if config.overhead:
-                measured.rows.extend(overhead(model, kwargs, base, daemon, root, quick, extra, workload[0]))
         finally:
             daemon.stop()
         if config.s3:
@@ -358,64 +354,6 @@ def run_lmcache(model: Path, config: Config, root: Path, recompute_ms: list[floa
             rows.append(Row(f"{config.label} | {case}", "ttft_ms", statistics.median(data[key]), baseline, unit="ms", better="lower",
                             bound="median recompute TTFT of this configuration",
                             extra={**extra, "cached_tokens": data.get(key.replace("ttft_ms", "cached_tokens"))}))
-    return rows
-
-
-def overhead(model: Path, kwargs: dict, base: EngineSession, daemon: LocalDaemon, root: Path, quick: bool, extra: dict,
-             documents: list[list[int]]) -> list[Row]:
-    """The connector's cost on the step loop: its hooks' time against the engine's, decode-heavy,
-    engines alternating; when nothing hits (unique prompts), and when host memory holds every
-    document (``documents``, a fresh question each time), with host loads copied on the step and
-    in the background."""
-    rounds = 3 if quick else 7
-    rng = random.Random(9)
-
-    def unique(_: int) -> list[list[int]]:
-        return [[rng.randrange(4, 2048) for _ in range(256)] for _ in range(4)]
-
-    def hits(_: int) -> list[list[int]]:
-        return [doc + [rng.randrange(4, 2048) for _ in range(QUESTION_TOKENS)] for doc in documents[:4]]
-
-    def question_only(prompts: list[list[int]]) -> list[list[int]]:  # the same cost for the baseline engine: no prefix
-        return [[rng.randrange(4, 2048) for _ in range(len(p))] for p in prompts]
-
-    cases = [
-        ("4 x 256-token prompts + 48 decode, nothing hits", "on_step", unique, None),
-        (f"{min(4, len(documents))} documents in host memory + new questions + 48 decode, loads on the step", "on_step", hits, question_only),
-        (f"{min(4, len(documents))} documents in host memory + new questions + 48 decode, loads in the background", "background", hits,
-         question_only),
-    ]
-    rows: list[Row] = []
-    for index, (workload, host_loads, prompts_for, baseline_prompts) in enumerate(cases):
-        profile = root / f"connector-profile-{index}"
-        with_kvtier, without = [], []
-        config = _connector_config(daemon.socket_path, retry_after_s=0.2, host_loads=host_loads)
-        with EngineSession(model, log_path=root / f"overhead-{index}.log", llm_kwargs=kwargs, kv_transfer_config=config,
-                           env={"KVTIER_CONNECTOR_PROFILE": str(profile)}) as engine:
-            for round_index in range(rounds):
-                prompts = prompts_for(round_index)
-                # The baseline recomputes what kvtier loads: its own prompts of the same lengths.
-                pair = [(engine, with_kvtier, prompts), (base, without, baseline_prompts(prompts) if baseline_prompts else prompts)]
-                for session, samples, batch in (pair if round_index % 2 == 0 else reversed(pair)):
-                    start = time.perf_counter()
-                    session.generate([batch], max_tokens=48)
-                    samples.append(time.perf_counter() - start)
-        hooks: dict[str, list[float]] = {}
-        for path in profile.parent.glob(f"{profile.name}.*.json"):
-            for name, (calls, seconds) in json.loads(path.read_text()).items():
-                entry = hooks.setdefault(name, [0, 0.0])
-                entry[0] += calls
-                entry[1] += seconds
-        idle_wait_s = hooks.pop(IDLE_WAIT, [0, 0.0])[1]
-        hook_s = sum(seconds for _, seconds in hooks.values()) - idle_wait_s
-        case = f"{extra['config']} | {workload}"
-        rows.append(Row(f"{case}: connector hooks on the step loop", "hook_s_per_generate_s", hook_s, sum(with_kvtier), unit="s",
-                        better="lower", target=0.02, bound="the engine's step time (all generate calls)",
-                        extra={**extra, "host_loads": host_loads, "hooks_calls_s": hooks, "idle_lookup_wait_s": idle_wait_s}))
-        rows.append(Row(f"{case}: end to end, with vs without connector", "generate_s", statistics.median(with_kvtier),
-                        statistics.median(without), unit="s", better="lower", bound="same engine without connector (recomputing)",
-                        extra={**extra, "host_loads": host_loads,
-                               "note": "includes background saves and daemon work on the same 2 cores"}))
     return rows
 
 

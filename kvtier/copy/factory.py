@@ -44,13 +44,14 @@ def make_page_copier(
     backend: Literal["auto", "cuda", "torch"] = "auto",
     lib_path: str | os.PathLike[str] | None = None,
     stream: torch.cuda.Stream | None = None,
+    load_stream: torch.cuda.Stream | None = None,
 ) -> PageCopier:
     """Return a copier for KV caches on ``device``.
 
     ``backend="auto"``: the CUDA kernel for a CUDA device when the library loads and a GPU is
     present, else the torch backend (logged once at INFO with the reason). ``"cuda"`` raises
-    :class:`KernelUnavailableError` instead of falling back. ``lib_path`` and ``stream`` only apply
-    to the CUDA backend. An int ``device`` means ``cuda:<int>``.
+    :class:`KernelUnavailableError` instead of falling back. ``lib_path``, ``stream`` (saves) and
+    ``load_stream`` (loads) only apply to the CUDA backend. An int ``device`` means ``cuda:<int>``.
     """
     import torch
 
@@ -58,13 +59,13 @@ def make_page_copier(
     if backend == "auto":
         if dev.type == "cuda":
             try:
-                return _backend_class("cuda")(dev, lib_path=lib_path, stream=stream)
+                return _backend_class("cuda")(dev, lib_path=lib_path, stream=stream, load_stream=load_stream)
             except KernelUnavailableError as exc:
                 _log_fallback(str(exc))
         return _backend_class("torch")(dev)
     cls = _backend_class(backend)
     if backend == "cuda":
-        return cls(dev, lib_path=lib_path, stream=stream)
+        return cls(dev, lib_path=lib_path, stream=stream, load_stream=load_stream)
     return cls(dev)
 
 

@@ -206,6 +206,37 @@ def test_gather_sees_writes_queued_on_current_stream() -> None:
     kernel_copier().unregister_host(arena)
 
 
+def test_loads_run_on_their_own_stream_and_never_queue_behind_saves() -> None:
+    """A scatter (load) runs on the load stream: with the save stream held up by a long gather, a
+    load submitted after it still completes first; and the forward pass reads it once its
+    stream waits for the load's event."""
+    from kvtier.copy.cuda_backend import CudaKernelPageCopier
+
+    dev = _device()
+    copier = CudaKernelPageCopier(dev, lib_path=kernel_copier().library.path)
+    assert copier.load_stream != copier.stream
+    big = [torch.randint(0, 255, (256, 1 << 20), dtype=torch.uint8, device=dev) for _ in range(2)]  # 512 MiB of saves
+    save_arena = _pinned(2 * 256 << 20)
+    copier.gather(big, list(range(256)), save_arena, [i * (2 << 20) for i in range(256)]).wait()  # warm up
+    small = [torch.zeros(4, 4096, dtype=torch.uint8, device=dev) for _ in range(2)]
+    load_arena = _pinned(4 * 8192)
+    load_arena.fill_(7)
+    saving = copier.gather(big, list(range(256)), save_arena, [i * (2 << 20) for i in range(256)])
+    loading = copier.scatter(small, list(range(4)), load_arena, [i * 8192 for i in range(4)])
+    loading.wait()
+    assert not saving.done(), "the load waited for the save: they share a stream"
+    torch.cuda.current_stream(dev).wait_event(loading.event)
+    assert all(bool((layer == 7).all()) for layer in small)
+    saving.wait()
+    copier.close()
+    try:
+        CudaKernelPageCopier(dev, lib_path=kernel_copier().library.path, stream=copier.stream, load_stream=copier.stream)
+    except CopyError:
+        pass
+    else:
+        raise AssertionError("one stream for loads and saves must be refused")
+
+
 def test_host_registered_once_and_released() -> None:
     from kvtier.copy.cuda_backend import CudaKernelPageCopier
 

@@ -31,10 +31,14 @@ HASHES = hash_prompt(list(range(16 * 8)), 16)
 class RawConnection:
     """A fast-path connection driven frame by frame, with no client library in between."""
 
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.sock.connect(str(path))
+    def __init__(self, path: Path | tuple[str, int]) -> None:
+        """A Unix socket path, or a (host, port) on TCP (the index's fast path)."""
+        if isinstance(path, tuple):
+            self.sock = socket.create_connection(path, timeout=10)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(10)
+            self.sock.connect(str(path))
 
     def send_bytes(self, body: bytes) -> None:
         self.sock.sendall(struct.pack("<I", len(body)) + body)

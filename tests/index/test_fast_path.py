@@ -8,7 +8,6 @@ import socket
 import struct
 from collections.abc import Iterator
 
-import msgpack
 import pytest
 
 from kvtier.blocks.hashing import HashExtras, hash_prompt, hash_prompt_joined
@@ -19,6 +18,7 @@ from kvtier.events.model import IndexTier, index_keys
 from kvtier.index.client import IndexClient
 from kvtier.index.memory import MemoryIndex
 from kvtier.index.server import MAX_FAST_MESSAGE_BYTES, IndexServer
+from tests.daemon.test_fast_path import RawConnection, error_of
 from tests.index.test_conformance import SPACE, Node, stored
 
 TOKEN = "fast-token-0123456789"
@@ -32,40 +32,9 @@ def start_server(index: MemoryIndex, fast_address: str = "127.0.0.1:0") -> Index
     return server
 
 
-class Raw:
+def connect_raw(port: int) -> RawConnection:
     """One fast-path connection driven frame by frame."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-
-    def send_body(self, body: bytes) -> None:
-        self.sock.sendall(struct.pack("<I", len(body)) + body)
-
-    def reply(self) -> dict | None:
-        header = self._read(4)
-        if header is None:
-            return None
-        return msgpack.unpackb(self._read(struct.unpack("<I", header)[0]), raw=False)
-
-    def call(self, message: object) -> dict | None:
-        self.send_body(msgpack.packb(message, use_bin_type=True))
-        return self.reply()
-
-    def _read(self, nbytes: int) -> bytes | None:
-        data = b""
-        while len(data) < nbytes:
-            chunk = self.sock.recv(nbytes - len(data))
-            if not chunk:
-                return None
-            data += chunk
-        return data
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def error_of(reply: dict | None) -> str | None:
-    return None if reply is None else reply.get("error")
+    return RawConnection(("127.0.0.1", port))
 
 
 @pytest.fixture
@@ -116,7 +85,7 @@ def test_the_fast_path_answers_as_grpc_and_the_index_itself(populated: tuple[Mem
 def test_nothing_is_served_before_an_authenticated_hello(populated: tuple[MemoryIndex, IndexServer, list[list[int]]]) -> None:
     _, server, prompts = populated
     score = {"op": "Score", "model": SPACE.model, "block_size": 16, "block_hashes": hash_prompt_joined(prompts[0], 16)}
-    raw = Raw(server.fast_port)
+    raw = connect_raw(server.fast_port)
     try:
         assert error_of(raw.call(score)) == "FAILED_PRECONDITION"
         assert error_of(raw.call({"op": "Hello", "protocol": PROTOCOL_VERSION})) == "UNAUTHENTICATED"
@@ -152,7 +121,7 @@ def test_a_malformed_query_is_refused_and_the_connection_goes_on(
     populated: tuple[MemoryIndex, IndexServer, list[list[int]]], request_fields: dict, message: str,
 ) -> None:
     _, server, prompts = populated
-    raw = Raw(server.fast_port)
+    raw = connect_raw(server.fast_port)
     try:
         assert "ok" in raw.call({"op": "Hello", "protocol": PROTOCOL_VERSION, "token": TOKEN})
         reply = raw.call(request_fields)
@@ -164,10 +133,10 @@ def test_a_malformed_query_is_refused_and_the_connection_goes_on(
 
 def test_bad_frames_unknown_ops_and_oversized_messages(populated: tuple[MemoryIndex, IndexServer, list[list[int]]]) -> None:
     _, server, _ = populated
-    raw = Raw(server.fast_port)
+    raw = connect_raw(server.fast_port)
     try:
         assert "ok" in raw.call({"op": "Hello", "protocol": PROTOCOL_VERSION, "token": TOKEN})
-        raw.send_body(b"\xc1 not msgpack")
+        raw.send_bytes(b"\xc1 not msgpack")
         assert error_of(raw.reply()) == "INVALID_ARGUMENT"
         assert error_of(raw.call([1, 2, 3])) == "INVALID_ARGUMENT"  # a frame that is not a map
         reply = raw.call({"op": "Publish", "batch": b""})  # publishing stays on gRPC
