@@ -79,12 +79,13 @@ def overhead(model: Path, kwargs: dict, base: EngineSession, daemon: LocalDaemon
                     samples.append(time.perf_counter() - start)
         hooks: dict[str, list[float]] = {}
         for path in profile.parent.glob(f"{profile.name}.*.json"):
-            for name, (calls, seconds) in json.loads(path.read_text()).items():
-                entry = hooks.setdefault(name, [0, 0.0])
+            for name, (calls, seconds, slowest) in json.loads(path.read_text()).items():
+                entry = hooks.setdefault(name, [0, 0.0, 0.0])
                 entry[0] += calls
                 entry[1] += seconds
-        idle_wait_s = hooks.pop(IDLE_WAIT, [0, 0.0])[1]
-        hook_s = sum(seconds for _, seconds in hooks.values()) - idle_wait_s
+                entry[2] = max(entry[2], slowest)
+        idle_wait_s = hooks.pop(IDLE_WAIT, [0, 0.0, 0.0])[1]
+        hook_s = sum(seconds for _, seconds, _ in hooks.values()) - idle_wait_s
         case = f"{extra['config']} | {workload}"
         rows.append(Row(f"{case}: connector hooks on the step loop", "hook_s_per_generate_s", hook_s, sum(with_kvtier), unit="s",
                         better="lower", target=0.02, bound="the engine's step time (all generate calls)",

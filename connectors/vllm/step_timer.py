@@ -1,9 +1,9 @@
 """Time spent inside the connector's hooks on vLLM's step loop (what the connector adds to a step).
 
 Always on (two ``perf_counter`` calls per hook). With ``KVTIER_CONNECTOR_PROFILE=PATH`` set,
-each process writes ``PATH.<pid>.json`` at exit: ``{hook: [calls, seconds]}`` (plus
-``idle_lookup_wait``, time inside hooks spent waiting while the engine was idle), which
-``benchmarks/ttft.py`` compares with the engine's step time.
+each process writes ``PATH.<pid>.json`` at exit: ``{hook: [calls, seconds, slowest call's
+seconds]}`` (plus ``idle_lookup_wait``, time inside hooks spent waiting while the engine was
+idle), which ``benchmarks/step_cost.py`` compares with the engine's step time.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
-TIMES: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+TIMES: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
 #: Part of the hook time spent waiting for a lookup while the engine had nothing scheduled
 #: (it delays no request; reported apart so the step overhead is not overstated).
 IDLE_WAIT = "idle_lookup_wait"
@@ -28,6 +28,7 @@ def record_idle_wait(seconds: float) -> None:
     entry = TIMES[IDLE_WAIT]
     entry[0] += 1
     entry[1] += seconds
+    entry[2] = max(entry[2], seconds)
 
 
 def timed(method: F) -> F:
@@ -40,8 +41,11 @@ def timed(method: F) -> F:
         try:
             return method(*args, **kwargs)
         finally:
+            took = clock() - start
             entry[0] += 1
-            entry[1] += clock() - start
+            entry[1] += took
+            if took > entry[2]:
+                entry[2] = took
 
     return wrapper  # type: ignore[return-value]
 

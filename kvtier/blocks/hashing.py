@@ -186,6 +186,13 @@ class PrefixHasher:
     def update(self, token_ids: Sequence[int]) -> list[bytes]:
         size = self.block_size
         parent = self.hashes[-1] if self.hashes else ROOT_PARENT
+        done, blocks = len(self.hashes), len(token_ids) // size - len(self.hashes)
+        if blocks > 0 and not self.extras.multimodal:
+            # Text only: the new blocks in one pass (in C for long runs), not one call per block.
+            extras = self.extras if done == 0 else HashExtras(self.extras.lora_name)  # the salt is block 0's
+            joined = _hash_text_blocks(token_ids[done * size:(done + blocks) * size], size, blocks, extras, parent)
+            self.hashes.extend(joined[i:i + BLOCK_HASH_BYTES] for i in range(0, len(joined), BLOCK_HASH_BYTES))
+            return self.hashes
         for index in range(len(self.hashes), len(token_ids) // size):
             start, end = index * size, (index + 1) * size
             parent = hash_block(parent, token_ids[start:end], _extra_fields(self.extras, index, start, end))

@@ -135,6 +135,23 @@ def test_prefix_hasher_matches_hash_prompt() -> None:
     assert hasher.hashes == hash_prompt(tokens, 8, extras)
 
 
+@pytest.mark.parametrize("extras", [HashExtras(), HashExtras(lora_name="l"), HashExtras(cache_salt="s"), HashExtras("l", "s")],
+                         ids=["plain", "lora", "salt", "lora+salt"])
+def test_prefix_hasher_on_text_matches_the_spec_block_by_block(extras: HashExtras) -> None:
+    """Text-only prompts hash their new blocks in one pass (in C past a length): the same bytes
+    as the spec's one block at a time, the cache salt in block 0 only, over growing updates."""
+    from kvtier.blocks.hashing import ROOT_PARENT, _extra_fields, hash_block
+
+    tokens = [(i * 7919) % 50_000 for i in range(16 * 300)]
+    expected, parent = [], ROOT_PARENT
+    for index in range(len(tokens) // 16):
+        parent = hash_block(parent, tokens[index * 16:(index + 1) * 16], _extra_fields(extras, index, index * 16, (index + 1) * 16))
+        expected.append(parent)
+    hasher = PrefixHasher(16, extras)
+    for end in (5, 16, 40, 16 * 200 + 3, 16 * 201, len(tokens)):  # one block, a few, a long run, one more, the rest
+        assert hasher.update(tokens[:end]) == expected[: end // 16]
+
+
 def test_the_c_hasher_gives_the_same_bytes_as_the_spec() -> None:
     """Long prompts go through csrc/kvtier_hash.c where it builds; its hashes equal block by block ones."""
     import random
