@@ -19,7 +19,8 @@ import shutil
 import statistics
 from pathlib import Path
 
-from kvtier.cli.format import render_chain_stats, render_table
+from kvtier.cli.format import render_table
+from kvtier.cli.stats import render as render_stats
 
 
 def demo_environment(root: Path) -> dict[str, str]:
@@ -85,7 +86,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"\noutputs identical with and without kvtier: {'yes' if identical else 'NO'}\n")
         print("the daemon outlived the engine that started it; $ kvtier stats")
         with DaemonClient(socket_path) as client:
-            print(render_chain_stats(client.stats().chain))
+            print(render_stats(client.stats()))
     finally:
         stop_daemon(socket_path, timeout_s=120)
     return 0 if identical else 1
