@@ -231,8 +231,8 @@ class DaemonLink:
         failures = {name: value for name, value in counters.items() if name in FAILURE_COUNTERS}
         try:
             client.report_counters(self.role, counters, failures, timeout_s=min(self.settings.timeout_s, 1.0))
-        except (KVTierError, ValueError) as exc:  # gone, late, or a channel closed meanwhile by a reconnect:
-            log.debug("reporting counters to the kvtier daemon failed: %s", exc)  # the calls that matter notice
+        except KVTierError as exc:  # the calls that matter notice a daemon that is gone or late
+            log.debug("reporting counters to the kvtier daemon failed: %s", exc)
             return False
         self._reported = (time.monotonic(), counters)
         return True

@@ -43,7 +43,7 @@ from kvtier.client.types import (
 )
 from kvtier.daemon.client_counters import ClientCounters
 from kvtier.daemon.wire import layout_to_proto
-from kvtier.errors import CorruptBlockError, LayoutError
+from kvtier.errors import CorruptBlockError, DaemonUnavailableError, LayoutError
 from kvtier.events.model import PublisherStatus
 from kvtier.tiers.arena import SharedArena
 from kvtier.v1 import daemon_pb2 as pb
@@ -109,6 +109,8 @@ class DaemonClient:
             return getattr(self._stub, method)(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _error_of(method, exc) from None
+        except ValueError as exc:  # grpc's "Cannot invoke RPC on closed channel!": closed by another thread
+            raise DaemonUnavailableError(f"{method}: this client was closed ({exc})", code="UNAVAILABLE") from None
 
     # ---- control plane -----------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvtier.blocks import KVLayout, hash_prompt
 from kvtier.client import ReserveStatus
-from kvtier.errors import InvalidRequestError
+from kvtier.errors import DaemonUnavailableError, InvalidRequestError
 from tests.daemon.conftest import LAYOUT, DaemonProcess, payload
 
 WRITER = textwrap.dedent(
@@ -217,3 +217,15 @@ def test_a_refreshing_lookup_keeps_blocks_in_host_memory_without_counting_a_hit(
             assert client.stats().chain.tiers[0].counters.hits == hits
     finally:
         daemon.stop()
+
+
+def test_a_call_on_a_client_closed_by_another_thread_is_an_unavailable_daemon(daemon: DaemonProcess) -> None:
+    """A reconnect closes the old client while another thread may still hold it: its next call is
+    DaemonUnavailableError (which the connector's link handles), not grpc's ValueError."""
+    client = daemon.client()
+    client.register_layout(LAYOUT)
+    client.close()
+    with pytest.raises(DaemonUnavailableError, match="closed"):
+        client.stats()
+    with pytest.raises(DaemonUnavailableError):
+        client.lookup(LAYOUT.layout_id, [])
