@@ -577,9 +577,8 @@ class SchedulerSide:
         self._lookups.shutdown(wait=False, cancel_futures=True)
         self._releaser.shutdown(wait=True)
         self.link.close()
-        log.info("KVTierConnector scheduler stats: %s; slowest lookup %.1f ms; link: %s; prefill %s tokens/s", dict(self.stats),
-                 self.slowest_lookup_s * 1000, {k: v for k, v in self.stats.items() if k.startswith("daemon_")},
-                 self.estimates.prefill_tokens_per_s)
+        log.info("KVTierConnector scheduler stats: %s; slowest lookup %.1f ms; prefill %s tokens/s", dict(self.stats),
+                 self.slowest_lookup_s * 1000, self.estimates.prefill_tokens_per_s)
 
 
 _TIER_ORDER = {"host": 0, "disk": 1, "s3": 2}

@@ -26,8 +26,8 @@ def _serve(args: argparse.Namespace) -> int:
     from kvtier.index.server import run_index
 
     settings: dict[str, Any] = {}
-    for flag, key in (("address", "address"), ("fast_address", "fast_address"), ("store", "store"), ("ttl", "heartbeat_ttl_s"), ("token_file", "auth_token_file"),
-                      ("namespace", "namespace"), ("redis_password_file", "redis_password_file")):
+    for flag, key in (("address", "address"), ("fast_address", "fast_address"), ("store", "store"), ("ttl", "heartbeat_ttl_s"),
+                      ("token_file", "auth_token_file"), ("namespace", "namespace"), ("redis_password_file", "redis_password_file")):
         value = getattr(args, flag)
         if value is not None:
             settings[key] = value

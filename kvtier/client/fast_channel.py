@@ -97,9 +97,9 @@ class FrameChannel(ABC):
     says how to connect (:meth:`_connect`), what its Hello carries (:meth:`_hello_fields`) and
     which kvtier error a failure status becomes (:meth:`_error`)."""
 
-    peer = "the daemon"  # in messages
-    limit_setting = "daemon.max_message_bytes"
-    unavailable: type[KVTierError] = DaemonUnavailableError  # what FrameConnection raises when a connection breaks
+    peer: str  # the server, in messages ("the daemon")
+    limit_setting: str  # the setting that bounds its messages
+    unavailable: type[KVTierError]  # what its FrameConnections raise when a connection breaks
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
@@ -192,6 +192,10 @@ class FrameChannel(ABC):
 
 class FastChannel(FrameChannel):
     """The daemon's fast path on its Unix socket, for one client of one daemon run."""
+
+    peer = "the daemon"
+    limit_setting = "daemon.max_message_bytes"
+    unavailable = DaemonUnavailableError
 
     def __init__(self, path: str, client_id: str, daemon_instance: str, timeout_s: float) -> None:
         super().__init__(timeout_s)

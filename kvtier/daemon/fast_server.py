@@ -40,18 +40,15 @@ from kvtier.errors import InvalidRequestError, LayoutError
 
 log = logging.getLogger(__name__)
 
-_field = field_of
-
-
 def _ids(request: Request, name: str) -> list[int]:
-    ids = _field(request, name, list)
+    ids = field_of(request, name, list)
     if not all(type(i) is int for i in ids):
         raise InvalidRequestError(f"{request.get('op')}: every entry of {name!r} must be an integer")
     return ids
 
 
 def _seconds(request: Request, name: str) -> float:
-    milliseconds = _field(request, name, int, 0)
+    milliseconds = field_of(request, name, int, 0)
     if milliseconds < 0:
         raise InvalidRequestError(f"{request.get('op')}: {name!r} must not be negative")
     return milliseconds / 1000
@@ -75,12 +72,12 @@ class _Session(Session):
         })
 
     def lookup(self, request: Request) -> dict[str, Any]:
-        return {"tiers": self.core.lookup(_field(request, "layout_id", str), _field(request, "block_hashes", list),
-                                          _field(request, "refresh", bool, False))}
+        return {"tiers": self.core.lookup(field_of(request, "layout_id", str), field_of(request, "block_hashes", list),
+                                          field_of(request, "refresh", bool, False))}
 
     def reserve(self, request: Request) -> dict[str, Any]:
-        outcomes = self.core.reserve(self.client_id, _field(request, "layout_id", str), _field(request, "block_hashes", list),
-                                     _field(request, "block_nbytes", int, 0))
+        outcomes = self.core.reserve(self.client_id, field_of(request, "layout_id", str), field_of(request, "block_hashes", list),
+                                     field_of(request, "block_nbytes", int, 0))
         return {"results": [
             [o.status.value, o.slot.offset, o.slot.nbytes, o.slot.reservation] if o.slot is not None else [o.status.value]
             for o in outcomes
@@ -94,7 +91,7 @@ class _Session(Session):
         return {"aborted": self.core.abort(self.client_id, _ids(request, "reservation_ids"))}
 
     def acquire(self, request: Request) -> dict[str, Any]:
-        outcome = self.core.acquire(self.client_id, _field(request, "layout_id", str), _field(request, "block_hashes", list),
+        outcome = self.core.acquire(self.client_id, field_of(request, "layout_id", str), field_of(request, "block_hashes", list),
                                     _seconds(request, "ttl_ms"))
         return {
             "lease_id": outcome.lease_id,
@@ -103,13 +100,13 @@ class _Session(Session):
         }
 
     def release(self, request: Request) -> dict[str, Any]:
-        self.core.release(self.client_id, _field(request, "lease_id", int))
+        self.core.release(self.client_id, field_of(request, "lease_id", int))
         return {}
 
     def prefetch(self, request: Request) -> dict[str, Any]:
-        block_us, allowance_us = _field(request, "block_us", int, 0), _field(request, "allowance_us", int, 0)
+        block_us, allowance_us = field_of(request, "block_us", int, 0), field_of(request, "allowance_us", int, 0)
         lease = bool(request.get("lease", False))
-        outcome = self.core.prefetch(_field(request, "layout_id", str), _field(request, "block_hashes", list), _seconds(request, "wait_ms"),
+        outcome = self.core.prefetch(field_of(request, "layout_id", str), field_of(request, "block_hashes", list), _seconds(request, "wait_ms"),
                                      budget=FetchBudget(block_us / 1e6, allowance_us / 1e6) if allowance_us > 0 else None,
                                      lease_for=self.client_id if lease else None, lease_ttl_s=_seconds(request, "lease_ttl_ms"))
         reply: dict[str, Any] = {"host_blocks": outcome.host_blocks, "done": outcome.done, "gave_up": outcome.gave_up}
@@ -151,13 +148,13 @@ class FastPathServer(FrameServer):
             pass
 
     def hello(self, request: Request) -> tuple[Session, dict[str, Any]]:
-        protocol = _field(request, "protocol", int)
+        protocol = field_of(request, "protocol", int)
         if protocol != PROTOCOL_VERSION:
             raise LayoutError(f"the client speaks fast-path protocol {protocol}, this daemon {PROTOCOL_VERSION}: "
                               "upgrade the older of the two, or disable the client's fast path")
-        client_id = _field(request, "client_id", str)
+        client_id = field_of(request, "client_id", str)
         self.core.check_client_id(client_id)
-        self.core.check_instance(_field(request, "daemon_instance", str, ""))
+        self.core.check_instance(field_of(request, "daemon_instance", str, ""))
         fields = {"protocol": PROTOCOL_VERSION, "daemon_instance": self.core.instance, "max_message_bytes": self.max_message_bytes}
         return _Session(self.core, client_id), fields
 

@@ -53,16 +53,17 @@ def unpack_token_ids(data: bytes) -> array:
     return token_ids
 
 
-def _checked_hashes(block_hashes: BlockHashes) -> BlockHashes:
+def _checked_hashes(block_hashes: BlockHashes) -> tuple[bytes | list[bytes], int]:
+    """The hashes as the index's walk takes them (joined bytes, or a list), and how many there are."""
     if isinstance(block_hashes, bytes):
         if len(block_hashes) % BLOCK_HASH_BYTES:
             raise InvalidRequestError(f"packed block hashes are {BLOCK_HASH_BYTES} bytes each; got {len(block_hashes)} bytes")
-        count = len(block_hashes) // BLOCK_HASH_BYTES
+        blocks, count = block_hashes, len(block_hashes) // BLOCK_HASH_BYTES
     else:
-        count = len(block_hashes)
+        blocks, count = list(block_hashes), len(block_hashes)
     if count > MAX_PROMPT_BLOCKS:
         raise InvalidRequestError(f"at most {MAX_PROMPT_BLOCKS} block hashes per query")
-    return block_hashes
+    return blocks, count
 
 
 def space_of(index: KVIndex, model: str, block_size: int) -> Space:
@@ -94,9 +95,7 @@ def score(
     if len(block_hashes):
         if lora_name or cache_salt:
             raise InvalidRequestError("lora_name and cache_salt apply to token_ids; block hashes already include them")
-        block_hashes = _checked_hashes(block_hashes)
-        blocks = block_hashes if isinstance(block_hashes, bytes) else list(block_hashes)
-        prompt_blocks = len(block_hashes) // BLOCK_HASH_BYTES if isinstance(block_hashes, bytes) else len(block_hashes)
+        blocks, prompt_blocks = _checked_hashes(block_hashes)
         return ScoreAnswer(index.score_blocks(space, blocks, wanted), prompt_blocks, space.block_size)
     if len(token_ids) > MAX_PROMPT_BLOCKS * space.block_size:
         raise InvalidRequestError("too many token ids for one query")
@@ -108,6 +107,6 @@ def score(
 def lookup(index: KVIndex, model: str, block_size: int, block_hashes: BlockHashes) -> list[list[Holding]]:
     """For each block hash, the live nodes and tiers holding it."""
     space = space_of(index, model, block_size)
-    block_hashes = _checked_hashes(block_hashes)
-    keys = index_keys_of_joined(block_hashes) if isinstance(block_hashes, bytes) else index_keys(list(block_hashes))
+    blocks, _ = _checked_hashes(block_hashes)
+    keys = index_keys_of_joined(blocks) if isinstance(blocks, bytes) else index_keys(blocks)
     return index.lookup(space, keys)
