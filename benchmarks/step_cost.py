@@ -79,17 +79,20 @@ def overhead(model: Path, kwargs: dict, base: EngineSession, daemon: LocalDaemon
                     samples.append(time.perf_counter() - start)
         hooks: dict[str, list[float]] = {}
         for path in profile.parent.glob(f"{profile.name}.*.json"):
-            for name, (calls, seconds, slowest) in json.loads(path.read_text()).items():
-                entry = hooks.setdefault(name, [0, 0.0, 0.0])
+            for name, (calls, seconds, slowest, *cpu) in json.loads(path.read_text()).items():
+                entry = hooks.setdefault(name, [0, 0.0, 0.0, 0.0])
                 entry[0] += calls
                 entry[1] += seconds
                 entry[2] = max(entry[2], slowest)
+                entry[3] += sum(cpu)  # the engine thread's CPU time in the hook (the rest waited)
         idle_wait_s = hooks.pop(IDLE_WAIT, [0, 0.0, 0.0])[1]
-        hook_s = sum(seconds for _, seconds, _ in hooks.values()) - idle_wait_s
+        hook_s = sum(entry[1] for entry in hooks.values()) - idle_wait_s
+        hook_cpu_s = sum(entry[3] for entry in hooks.values())
         case = f"{extra['config']} | {workload}"
         rows.append(Row(f"{case}: connector hooks on the step loop", "hook_s_per_generate_s", hook_s, sum(with_kvtier), unit="s",
                         better="lower", target=0.02, bound="the engine's step time (all generate calls)",
-                        extra={**extra, "host_loads": host_loads, "hooks_calls_s": hooks, "idle_lookup_wait_s": idle_wait_s}))
+                        extra={**extra, "host_loads": host_loads, "hooks_calls_s": hooks, "idle_lookup_wait_s": idle_wait_s,
+                               "hook_cpu_s": hook_cpu_s}))
         rows.append(Row(f"{case}: end to end, with vs without connector", "generate_s", statistics.median(with_kvtier),
                         statistics.median(without), unit="s", better="lower", bound="same engine without connector (recomputing)",
                         extra={**extra, "host_loads": host_loads,

@@ -39,6 +39,9 @@ class ConnectorSettings(BaseModel):
     # How long one scheduler call may block for a new request's lookup (started at arrival) while
     # the engine is idle, before asking again next step; a busy engine never blocks. 0 never blocks.
     lookup_wait_s: float = Field(default=0.002, ge=0, le=0.1)
+    # Likewise, how long a worker's step with nothing scheduled waits for a load running on a
+    # loader thread (requests waiting for their blocks), instead of spinning empty steps.
+    load_wait_s: float = Field(default=0.002, ge=0, le=0.1)
     retry_after_s: float = Field(default=5.0, ge=0)  # after the daemon was unreachable, skip it this long
     # How often the connector sends its counters (loads, saves, failures) to the daemon, off the
     # step, for `kvtier stats`; and once more when the engine shuts down.

@@ -31,13 +31,14 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from connectors.vllm import step_timer
 from connectors.vllm.identity import check_registered, layer_attention_backends, layout_for_rank
 from connectors.vllm.link import DaemonLink
 from connectors.vllm.metadata import AsyncLoaded, KVTierConnectorMetadata, KVTierWorkerMetadata, LoadSpec, SaveSpec
@@ -154,6 +155,7 @@ class WorkerSide:
         self._loader = ThreadPoolExecutor(2, thread_name_prefix="kvtier-loader")
         self._releaser = ThreadPoolExecutor(1, thread_name_prefix="kvtier-release")
         self._ready: list[_Fetched] = []  # promoted and leased: copy next step
+        self._loads_in_flight = 0  # on the loader threads (under _lock, which they notify when one ends)
         self._recving_done: set[str] = set()
         self._failed_block_ids: set[int] = set()
         self._copied_leases: set[int] = set()
@@ -267,6 +269,8 @@ class WorkerSide:
     # ---- loads -------------------------------------------------------------------------------
 
     def start_load_kv(self, meta: KVTierConnectorMetadata) -> None:
+        if meta.scheduled_tokens == 0 and not meta.loads and self._loads_in_flight:
+            self._wait_while_idle()
         started = time.perf_counter()
         for spec in meta.loads:
             if not self.enabled:
@@ -277,9 +281,9 @@ class WorkerSide:
                 for slots in spec.leases.values():
                     self._copied_leases.add(slots.lease_id)
             elif spec.background:
-                self._loader.submit(self._load_in_background, spec)
+                self._submit_load(self._load_in_background, spec)
             elif spec.is_async:
-                self._loader.submit(self._fetch, spec, time.monotonic())
+                self._submit_load(self._fetch, spec, time.monotonic())
             else:
                 self._load_leased(spec)
         # Deeper-tier loads whose blocks arrived and are leased: copy them now, on this thread.
@@ -303,6 +307,25 @@ class WorkerSide:
                     self._mark_received(spec.req_id)
         if meta.loads:
             self._step_load_s += time.perf_counter() - started
+
+    def _submit_load(self, load: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            self._loads_in_flight += 1
+        self._loader.submit(load, *args)
+
+    def _wait_while_idle(self) -> None:
+        """A step with nothing scheduled, while requests wait for loads on the loader threads:
+        wait (``load_wait_s`` at most) for one to end, instead of spinning empty steps that take
+        the GIL from the loader. The engine is idle, so the wait delays no one."""
+        waited = time.perf_counter()
+        with self._lock:
+            self._lock.wait_for(lambda: self._ready or self._recving_done or not self._loads_in_flight, self.settings.load_wait_s)
+        step_timer.record_idle_wait(time.perf_counter() - waited)
+
+    def _load_ended(self) -> None:
+        """A loader thread's load ended (under ``_lock``): wake a step waiting while idle."""
+        self._loads_in_flight -= 1
+        self._lock.notify_all()
 
     def _load_leased(self, spec: LoadSpec) -> None:
         slots = spec.leases.get(self.layout.layout_id)
@@ -337,6 +360,7 @@ class WorkerSide:
                     self._copied_leases.add(slots.lease_id)
                 self._async_loaded[spec.req_id] = AsyncLoaded(copied, 0.0, 0.0)
                 self._recving_done.add(spec.req_id)
+                self._load_ended()
 
     def _copy_in(self, spec: LoadSpec, slots: _Slots, on_step: bool = True) -> tuple[Any, int]:
         """Verify the leading run of ``slots`` and scatter it into ``spec``'s blocks; fail the rest.
@@ -380,6 +404,7 @@ class WorkerSide:
             log.exception("loading blocks of %s failed", spec.req_id)
         with self._lock:
             self._ready.append(_Fetched(spec, leased, times))
+            self._load_ended()
 
     def _promote_and_lease(self, client: DaemonClient, spec: LoadSpec, received: float,
                            times: _FetchTimes) -> tuple[int, _Slots] | None:

@@ -94,6 +94,44 @@ def test_a_disabled_worker_still_reports_its_requests_finished(fake_attention_ba
     worker.shutdown()
 
 
+def test_an_idle_step_waits_for_a_load_in_flight_and_a_busy_one_never_does(fake_attention_backend: str) -> None:
+    """Requests waiting for background loads leave the engine nothing to do; its empty steps
+    wait (up to load_wait_s) for a load to end instead of spinning. A step with work never waits."""
+    import threading
+
+    from connectors.vllm.metadata import KVTierConnectorMetadata
+    from connectors.vllm.worker import WorkerSide
+    from kvtier.testing.daemon import wait_until
+    from tests.vllm.fakes import fake_configs
+
+    worker = WorkerSide(*fake_configs(), settings_from({"model_revision": "test-weights", "load_wait_s": 0.1}))
+    release = threading.Event()
+
+    def load(req_id: str) -> None:
+        release.wait(30)
+        with worker._lock:
+            worker._recving_done.add(req_id)
+            worker._load_ended()
+
+    try:
+        worker._submit_load(load, "busy")
+        worker.start_load_kv(KVTierConnectorMetadata(scheduled_tokens=64))
+        assert worker.get_finished(set()) == (None, None)  # the busy step went on
+        release.set()
+        assert wait_until(lambda: worker._loads_in_flight == 0, timeout=30)
+        worker.start_load_kv(KVTierConnectorMetadata(scheduled_tokens=0))
+        assert worker.get_finished(set()) == (None, {"busy"})
+        release.clear()
+        worker._submit_load(load, "idle")
+        threading.Timer(0.01, release.set).start()
+        worker.settings = worker.settings.model_copy(update={"load_wait_s": 30.0})  # however busy this machine is
+        worker.start_load_kv(KVTierConnectorMetadata(scheduled_tokens=0))
+        assert worker.get_finished(set()) == (None, {"idle"})
+    finally:
+        release.set()
+        worker.shutdown()
+
+
 def test_a_call_on_the_step_never_connects() -> None:
     """Connecting means gRPC calls (in embedded mode: starting a daemon); the step must not wait
     for that. A step call on a link that is not ready is a miss that starts a background connect."""
