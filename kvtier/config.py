@@ -238,6 +238,46 @@ class PublishConfig(_Section):
     block_descriptions: int = Field(default=1_000_000, ge=1)  # token ids kept for the blocks clients described
 
 
+class RouterConfig(_Section):
+    """``kvtier route``: an OpenAI-compatible proxy that sends each request to the replica
+    holding most of its prompt's prefix (docs/routing.md)."""
+
+    address: str = "127.0.0.1:8080"  # HTTP listener; a non-loopback address needs an API key
+    # The vLLM replicas: "URL" or "NODE=URL" (NODE: the kvtier node name its daemon publishes
+    # under; without it, the node whose heartbeat address has the URL's host).
+    replicas: list[str] = Field(default_factory=list)
+    # Or a headless Service: "dns:NAME:PORT", resolved again every discovery_interval_s.
+    replicas_dns: str | None = None
+    discovery_interval_s: float = Field(default=10.0, gt=0)
+    policy: Literal["prefix", "round-robin", "least-loaded"] = "prefix"
+    index: str | None = None  # the index's gRPC address (ListNodes); scores go to index_fast_address
+    index_fast_address: str | None = None  # the index's fast path ("host:port"); None: no scores (least-loaded)
+    index_auth_token: SecretStr | None = None  # the index's bearer token (else KVTIER_INDEX_AUTH_TOKEN)
+    index_auth_token_file: Path | None = None
+    index_tls_ca_file: Path | None = None
+    index_deadline_s: float = Field(default=0.005, gt=0, le=1)  # a score later than this is not waited for
+    index_retry_after_s: float = Field(default=1.0, ge=0)  # after an index failure, route without it this long
+    tokenizer: str | None = None  # default: the model the replicas serve (their /v1/models root)
+    index_model: str | None = None  # the model name daemons publish under (default: the replicas' model root)
+    # The prefix policy's cost of a replica, in prompt tokens: the tokens it would compute, plus
+    # the prefill tokens of requests it has not answered yet, plus this many per running request.
+    load_tokens_per_request: int = Field(default=256, ge=0)
+    # A replica with this many more requests in flight than the least busy one takes no more
+    # until the others catch up, whatever its cache holds (no pile-up on one hot replica).
+    max_imbalance: int = Field(default=8, ge=1)
+    metrics_interval_s: float = Field(default=0.5, gt=0)  # replicas' /metrics polls (running, waiting)
+    health_interval_s: float = Field(default=2.0, gt=0)  # a replica taken out is tried again this often
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    # Clients must send "Authorization: Bearer <key>" on /v1 (prefer KVTIER_ROUTER_API_KEY or the file).
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    # Sent to the replicas (their --api-key) in place of the client's key (KVTIER_ROUTER_UPSTREAM_API_KEY).
+    upstream_api_key: SecretStr | None = None
+    upstream_api_key_file: Path | None = None
+    log_decisions: bool = False  # log why each request went where it went
+
+
 class KVTierConfig(_Section):
     daemon: DaemonConfig = DaemonConfig()
     host: HostTierConfig = HostTierConfig()
@@ -246,6 +286,7 @@ class KVTierConfig(_Section):
     chain: ChainConfig = ChainConfig()
     index: IndexConfig = IndexConfig()
     publish: PublishConfig = PublishConfig()
+    router: RouterConfig = RouterConfig()
 
     def __repr__(self) -> str:
         return f"KVTierConfig({self.model_dump_json()})"

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from kvtier import __version__
-from kvtier.cli import chain_demo, demo, index, serve, stats, stop
+from kvtier.cli import chain_demo, demo, index, route, serve, stats, stop
 from kvtier.errors import KVTierError
 
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_parser(subparsers)
     stats.add_parser(subparsers)
     index.add_parser(subparsers)
+    route.add_parser(subparsers)
     return parser
 
 

@@ -77,10 +77,23 @@ class FrameReader:
             raise ConnectionError(f"the peer closed the connection before a {nbytes}-byte message")
         body = bytes(self._buffer[_LENGTH.size:end])
         del self._buffer[:end]
-        try:
-            message = msgpack.unpackb(body, raw=False)
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:  # malformed, truncated, bad UTF-8, extra data
-            raise InvalidRequestError(f"the message is not valid msgpack ({type(exc).__name__}: {exc})") from None
-        if not isinstance(message, dict):
-            raise InvalidRequestError(f"the message is a msgpack {type(message).__name__}; it must be a map")
-        return message
+        return decode(body)
+
+
+def frame_length(prefix: bytes) -> int:
+    """The body length a frame's 4-byte prefix announces."""
+    return _LENGTH.unpack(prefix)[0]
+
+
+LENGTH_BYTES = _LENGTH.size
+
+
+def decode(body: bytes) -> dict[str, Any]:
+    """One frame's body as a map; :class:`InvalidRequestError` if it is anything else."""
+    try:
+        message = msgpack.unpackb(body, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:  # malformed, truncated, bad UTF-8, extra data
+        raise InvalidRequestError(f"the message is not valid msgpack ({type(exc).__name__}: {exc})") from None
+    if not isinstance(message, dict):
+        raise InvalidRequestError(f"the message is a msgpack {type(message).__name__}; it must be a map")
+    return message

@@ -1,0 +1,1 @@
+"""``kvtier route``: send each OpenAI request to the vLLM replica that caches its prefix."""
