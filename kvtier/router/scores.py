@@ -78,7 +78,9 @@ class IndexScores:
         connection: _Connection | None = None
         try:
             async with asyncio.timeout(self.deadline_s):
-                connection = self._idle.pop() if self._idle else await self._open()
+                while not self._idle:  # (another request may take the one just opened)
+                    await self._connect()
+                connection = self._idle.pop()
                 reply = await connection.exchange(request)
         except TimeoutError:
             self._failed(connection, "timeout", f"no answer from the index at {self.address} within {self.deadline_s * 1000:.0f} ms")
@@ -95,6 +97,22 @@ class IndexScores:
         block_size = int(scores.get("block_size") or 0)
         return {node: CachedPrefix(int(tokens), float(score) * block_size)
                 for node, _blocks, tokens, score, _runs in scores.get("scores", ())}
+
+    async def _connect(self) -> None:
+        """Open a connection into the pool. Shielded: one that outlasts this request's deadline
+        still lands in the pool for the next request, so a slow connect (or Hello) does not make
+        every request give up."""
+        opening = asyncio.ensure_future(self._open())
+        opening.add_done_callback(self._opened)
+        await asyncio.shield(opening)
+
+    def _opened(self, opening: asyncio.Future) -> None:
+        if opening.cancelled():
+            return
+        if opening.exception() is not None:
+            log.debug("cannot connect to the index at %s: %s", self.address, opening.exception())
+            return
+        self._idle.append(opening.result())
 
     async def _open(self) -> _Connection:
         reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self._tls, limit=1 << 20)

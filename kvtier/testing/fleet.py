@@ -9,6 +9,7 @@ machine has enough (``VLLM_CPU_OMP_THREADS_BIND``), as vLLM's CPU backend does b
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -47,6 +48,7 @@ class LocalIndex:
     address: str = field(default_factory=lambda: f"127.0.0.1:{free_port()}")
     fast_address: str = field(default_factory=lambda: f"127.0.0.1:{free_port()}")
     ttl_s: float = 5.0
+    engine_events: Sequence[str] = ()  # "node=tcp://host:port": engines' own KV events (their GPU tier)
     process: subprocess.Popen | None = None
 
     @property
@@ -58,7 +60,7 @@ class LocalIndex:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "kvtier", "index", "serve", "--address", self.address, "--fast-address", self.fast_address,
-                 "--ttl", str(self.ttl_s)], env={**os.environ, "KVTIER_INDEX_AUTH_TOKEN": self.token}, stdout=log,
+                 "--ttl", str(self.ttl_s), *(f"--engine-events={e}" for e in self.engine_events)], env={**os.environ, "KVTIER_INDEX_AUTH_TOKEN": self.token}, stdout=log,
                 stderr=subprocess.STDOUT)
         from kvtier.index.client import IndexClient
 
@@ -166,17 +168,19 @@ class Node:
 
 @contextlib.contextmanager
 def local_fleet(root: Path, model: Path, nodes: Sequence[str], server_args: Sequence[str], *, host_capacity: str = "1GiB",
-                connector_extra: dict | None = None) -> Iterator[tuple[LocalIndex, list[Node]]]:
+                disk_capacity: str = "2GiB", connector_extra: dict | None = None) -> Iterator[tuple[LocalIndex, list[Node]]]:
     """The index, then per node a daemon publishing to it and a ``vllm serve`` attached to that
-    daemon; stopped in reverse order."""
-    index = LocalIndex(root / "index").start()
+    daemon, publishing its own KV events (its GPU tier) to the index as well; stopped in reverse
+    order."""
+    events_ports = {name: free_port() for name in nodes}
+    index = LocalIndex(root / "index", engine_events=[f"{n}=tcp://127.0.0.1:{p}" for n, p in events_ports.items()]).start()
     started: list[Node] = []
     daemons: list[LocalDaemon] = []
     try:
         env = {"KVTIER_PUBLISH_AUTH_TOKEN": index.token}
         for name in nodes:
             daemon = LocalDaemon(root / f"d-{name}", args=["--index", index.address, "--node-name", name], env=env,
-                                 host_capacity=host_capacity, disk_capacity="2GiB")
+                                 host_capacity=host_capacity, disk_capacity=disk_capacity)
             daemon.start()
             daemons.append(daemon)
         servers = []
@@ -184,7 +188,10 @@ def local_fleet(root: Path, model: Path, nodes: Sequence[str], server_args: Sequ
         for position, (name, daemon) in enumerate(zip(nodes, daemons)):
             server_env: dict[str, str | None] = {"VLLM_ENABLE_V1_MULTIPROCESSING": None, "OMP_NUM_THREADS": None}
             server_env["VLLM_CPU_OMP_THREADS_BIND"] = str(position % cores) if cores > 1 else None
-            servers.append(OpenAIServer(model, log_path=root / f"vllm-{name}.log", args=list(server_args), env=server_env,
+            events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{events_ports[name]}",
+                      "topic": f"kv@{name}@{model}"}
+            servers.append(OpenAIServer(model, log_path=root / f"vllm-{name}.log", env=server_env,
+                                        args=[*server_args, "--kv-events-config", json.dumps(events)],
                                         kv_transfer_config=kvtier_connector_config(daemon.socket_path, **(connector_extra or {}))))
         for name, daemon, server in zip(nodes, daemons, servers):
             server.wait_ready()
