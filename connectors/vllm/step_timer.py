@@ -2,7 +2,7 @@
 
 Always on (two ``perf_counter`` calls per hook). With ``KVTIER_CONNECTOR_PROFILE=PATH`` set,
 each process writes ``PATH.<pid>.json`` at exit: ``{hook: [calls, seconds, slowest call's
-seconds]}`` (plus ``idle_lookup_wait``, time inside hooks spent waiting while the engine was
+seconds, CPU seconds]}`` (plus ``idle_lookup_wait``, time inside hooks spent waiting while the engine was
 idle), which ``benchmarks/step_cost.py`` compares with the engine's step time.
 """
 
@@ -32,14 +32,18 @@ def record_idle_wait(seconds: float) -> None:
 
 
 def timed(method: F) -> F:
+    """Time each call of ``method``; when profiling, also the calling thread's CPU time in it
+    (the rest of the wall time is waiting: for the GIL, a lock, the OS)."""
     entry = TIMES[method.__name__]
     clock = time.perf_counter
-    if os.environ.get("KVTIER_CONNECTOR_PROFILE"):
-        return _timed_with_cpu(method, entry)
+    cpu = time.thread_time if os.environ.get("KVTIER_CONNECTOR_PROFILE") else None
+    if cpu is not None:
+        entry.append(0.0)
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = clock()
+        start_cpu = cpu() if cpu is not None else 0.0
         try:
             return method(*args, **kwargs)
         finally:
@@ -48,28 +52,8 @@ def timed(method: F) -> F:
             entry[1] += took
             if took > entry[2]:
                 entry[2] = took
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _timed_with_cpu(method: F, entry: list[float]) -> F:
-    """Profiling: also the engine thread's own CPU time in the hook (the rest of the wall time
-    is waiting: for the GIL, a lock, the OS)."""
-    entry.append(0.0)
-    clock, cpu = time.perf_counter, time.thread_time
-
-    @functools.wraps(method)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start, start_cpu = clock(), cpu()
-        try:
-            return method(*args, **kwargs)
-        finally:
-            took = clock() - start
-            entry[0] += 1
-            entry[1] += took
-            if took > entry[2]:
-                entry[2] = took
-            entry[3] += cpu() - start_cpu
+            if cpu is not None:
+                entry[3] += cpu() - start_cpu
 
     return wrapper  # type: ignore[return-value]
 
