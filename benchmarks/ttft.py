@@ -107,8 +107,11 @@ FULL = [
 ]
 
 
+HOST_LOADS = {"host_loads": "auto"}  # --host-loads: where the connector copies host-memory hits
+
+
 def kvtier_config(socket_path: Path | None) -> dict:
-    return _connector_config(socket_path, retry_after_s=0.2)
+    return _connector_config(socket_path, retry_after_s=0.2, **HOST_LOADS)
 
 
 @dataclass
@@ -373,8 +376,18 @@ def run(args) -> list[Row]:
     return rows
 
 
+def _add_arguments(parser) -> None:
+    parser.add_argument("--host-loads", choices=("auto", "background", "on_step"), default="auto",
+                        help="the connector's host_loads setting (default: its own default)")
+
+
+def _run(args) -> list[Row]:
+    HOST_LOADS["host_loads"] = args.host_loads
+    return run(args)
+
+
 def main() -> int:
-    return run_benchmark("ttft", __doc__.splitlines()[0], run)
+    return run_benchmark("ttft", __doc__.splitlines()[0], _run, _add_arguments)
 
 
 if __name__ == "__main__":

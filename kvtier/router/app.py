@@ -35,7 +35,7 @@ from starlette.routing import Route
 from kvtier.config import RouterConfig
 from kvtier.router.metrics import RouterMetrics
 from kvtier.router.policy import CachedPrefix, Decision, RouteRequest, RoutingPolicy
-from kvtier.router.replicas import Replica, nodes_by_host
+from kvtier.router.replicas import Replica, ServedModel, nodes_by_host
 from kvtier.router.scores import IndexScores, IndexUnanswered
 from kvtier.router.tokens import UnroutableBody, tokenizer_for
 
@@ -181,7 +181,7 @@ class Router:
             reply = await self._http.get(f"{replica.url}/v1/models", headers=self._upstream_auth(None),
                                          timeout=self.settings.connect_timeout_s)
             if reply.status_code == 200:
-                replica.models = {m["id"]: m.get("root") or m["id"] for m in reply.json().get("data", [])}
+                replica.models = {m["id"]: ServedModel(m.get("root") or m["id"], m.get("parent")) for m in reply.json().get("data", [])}
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             log.debug("cannot list %s's models: %s", replica.url, exc)
 
@@ -266,7 +266,7 @@ class Router:
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             return error_response(400, "the request body must be a JSON object with a 'model' string")
         tokens = await self._tokens(body, chat)
-        cached = await self._cached(body["model"], tokens) if tokens else None
+        cached = await self._cached(body, tokens) if tokens else None
         tried: set[Replica] = set()
         while True:
             # Replicas in rotation first; if none is, the others anyway (the poller may be behind).
@@ -344,14 +344,17 @@ class Router:
         self.metrics.tokenize_seconds.observe(time.perf_counter() - started)
         return tokens
 
-    async def _cached(self, model: str, tokens: list[int]) -> dict[str, CachedPrefix] | None:
+    async def _cached(self, body: dict[str, Any], tokens: list[int]) -> dict[str, CachedPrefix] | None:
+        model = body["model"]
+        salt = body.get("cache_salt")
         nodes = sorted({r.node for r in self.replicas if r.up and r.node})
         if not nodes:
             self.metrics.fallbacks.labels("no_nodes").inc()
             return None
         started = time.perf_counter()
         try:
-            cached = await self.scores.score(self._model_root(model, self.settings.index_model), tokens, nodes)
+            cached = await self.scores.score(self._model_root(model, self.settings.index_model), tokens, nodes,
+                                             lora_name=self._lora_name(model), cache_salt=salt if isinstance(salt, str) else "")
         except IndexUnanswered as exc:
             self.metrics.fallbacks.labels(f"index_{exc.reason}").inc()
             return None
@@ -359,13 +362,26 @@ class Router:
         return cached
 
     def _model_root(self, model: str, override: str | None) -> str:
-        """The model's path or hub name: how daemons name it in the index, and where its tokenizer is."""
+        """The base model's path or hub name: how daemons name it in the index, and where its
+        tokenizer is (a LoRA adapter's requests use its base model's)."""
         if override:
             return override
+        served = self._served(model)
+        if served is not None and served.parent is not None:
+            base = self._served(served.parent)
+            return base.root if base is not None else served.parent
+        return served.root if served is not None else model
+
+    def _lora_name(self, model: str) -> str:
+        """The adapter's name when ``model`` is a LoRA adapter (its blocks are hashed with it)."""
+        served = self._served(model)
+        return model if served is not None and served.parent is not None else ""
+
+    def _served(self, model: str) -> ServedModel | None:
         for replica in self.replicas:
             if model in replica.models:
                 return replica.models[model]
-        return model
+        return None
 
     # ---- headers and auth --------------------------------------------------------------------
 

@@ -30,6 +30,12 @@ WAITING_METRIC = "vllm:num_requests_waiting"
 FAILED_POLLS_BEFORE_OUT = 3
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    root: str  # path or hub name
+    parent: str | None = None  # a LoRA adapter's base model (its served id)
+
+
 @dataclass(eq=False)
 class Replica:
     url: str  # base URL, without a trailing slash
@@ -43,7 +49,7 @@ class Replica:
     waiting: int = 0
     metrics_at: float = 0.0  # monotonic time of the last good poll
     failed_polls: int = 0  # in a row
-    models: dict[str, str] = field(default_factory=dict)  # served model id -> its root (path or hub name)
+    models: dict[str, ServedModel] = field(default_factory=dict)  # by served model id (its /v1/models)
 
     @property
     def host(self) -> str:

@@ -68,13 +68,15 @@ class IndexScores:
         self._skip_until = 0.0
         self.last_error = ""
 
-    async def score(self, model: str, token_ids: Sequence[int], candidates: Sequence[str]) -> dict[str, CachedPrefix]:
-        """Each candidate node's cached prefix (nodes holding none are left out); raises
+    async def score(self, model: str, token_ids: Sequence[int], candidates: Sequence[str], *,
+                    lora_name: str = "", cache_salt: str = "") -> dict[str, CachedPrefix]:
+        """Each candidate node's cached prefix (nodes holding none are left out), for the
+        prompt's blocks as hashed with the adapter's name and the cache salt, if any; raises
         :class:`IndexUnanswered` when there is no answer within the deadline."""
         if time.monotonic() < self._skip_until:
             raise IndexUnanswered("backoff", self.last_error)
         request = {"op": "Score", "model": model, "block_size": 0, "token_ids": pack_token_ids(token_ids),
-                   "block_hashes": b"", "lora_name": "", "cache_salt": "", "candidates": list(candidates)}
+                   "block_hashes": b"", "lora_name": lora_name, "cache_salt": cache_salt, "candidates": list(candidates)}
         connection: _Connection | None = None
         try:
             async with asyncio.timeout(self.deadline_s):

@@ -53,9 +53,22 @@ class OpenAIServer:
         repo_root = str(Path(__file__).resolve().parents[2])  # the connector's modules import in every vLLM process
         full_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, full_env.get("PYTHONPATH")) if p)
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._command, self._env = command, full_env
         self._log = open(log_path, "w")
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        self.process = self._start()
+
+    def _start(self) -> subprocess.Popen:
+        return subprocess.Popen(self._command, stdout=self._log, stderr=subprocess.STDOUT, env=self._env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def restart(self) -> OpenAIServer:
+        """Start the same server again (same port and arguments) after it stopped or was killed."""
+        if self.process.poll() is None:
+            self.stop()
+        if self._log.closed:
+            self._log = open(self.log_path, "a")
+        self.process = self._start()
+        return self.wait_ready()
 
     def wait_ready(self, timeout: float = 600) -> OpenAIServer:
         deadline = time.monotonic() + timeout

@@ -41,3 +41,20 @@ def test_flags_reach_the_settings_and_the_policy() -> None:
     assert router.policy.name == "prefix" and router.scores.deadline_s == pytest.approx(0.02)
     with pytest.raises(ConfigError, match="NODE=URL"):
         build_router(settings("--replica", "10.0.0.5:8000"))
+
+
+def test_a_headless_service_name_becomes_one_replica_per_address() -> None:
+    """``--replicas-dns``: every address the name resolves to is a replica (here: localhost),
+    and a replica already known keeps its record (its load) across resolutions."""
+    import asyncio
+
+    router = build_router(settings("--replicas-dns", "dns:localhost:8000"))
+
+    async def resolve_twice() -> tuple[list[str], bool]:
+        await router._resolve_dns()
+        first = list(router.replicas)
+        await router._resolve_dns()
+        return [r.url for r in router.replicas], all(a is b for a, b in zip(first, router.replicas))
+
+    urls, kept = asyncio.run(resolve_twice())
+    assert "http://127.0.0.1:8000" in urls and kept
