@@ -4,8 +4,8 @@ against the engine's own step time, with nothing to hit and with host-memory hit
 A vLLM CPU engine on a generated Llama serves decode-heavy batches (4 prompts, 48 tokens decoded
 each), alternating with the same engine without a connector. Three cases: unique prompts (every
 lookup misses), and documents held in host memory with a new question each time, their loads
-copied on the step (``host_loads: on_step``, the CPU default) or on a loader thread
-(``background``, the GPU default). The hooks time themselves (``KVTIER_CONNECTOR_PROFILE``,
+copied on the step (``host_loads: on_step``) or on a loader thread (``background``, the
+default). The hooks time themselves (``KVTIER_CONNECTOR_PROFILE``,
 ``connectors/vllm/step_timer.py``); the time a scheduler call waits for a lookup while the engine
 is idle is left out (it replaces idle time, not work). Target: hooks at most 2% of step time.
 The end-to-end row compares the whole generate call with and without the connector (background
@@ -57,7 +57,7 @@ def overhead(model: Path, kwargs: dict, base: EngineSession, daemon: LocalDaemon
         return [[rng.randrange(4, 2048) for _ in range(len(p))] for p in prompts]
 
     cases = [
-        ("4 x 256-token prompts + 48 decode, nothing hits", "on_step", unique, None),
+        ("4 x 256-token prompts + 48 decode, nothing hits", "background", unique, None),
         (f"{min(4, len(documents))} documents in host memory + new questions + 48 decode, loads on the step", "on_step", hits, question_only),
         (f"{min(4, len(documents))} documents in host memory + new questions + 48 decode, loads in the background", "background", hits,
          question_only),

@@ -119,8 +119,7 @@ class SchedulerSide:
                     for rank in range(tp_size)]
         self.layouts = list({layout.layout_id: layout for layout in per_rank}.values())  # one per KV shard
         self.block_nbytes = sum(layout.block_nbytes for layout in self.layouts)
-        self.host_loads_in_background = settings.host_loads == "background" or (
-            settings.host_loads == "auto" and _on_gpu(vllm_config))
+        self.host_loads_in_background = settings.host_loads != "on_step"
         self.interval = StatsInterval()
         self.stats = self.interval.total
         self.link = DaemonLink(settings, self.layouts, client_id=f"vllm-scheduler-{os.getpid()}", role="vllm-scheduler",
@@ -592,11 +591,6 @@ def _external(block_hash: Any) -> Any:
     from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
     return maybe_convert_block_hash(block_hash)
-
-
-def _on_gpu(vllm_config: VllmConfig) -> bool:
-    device = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
-    return device in ("cuda", "rocm")
 
 
 def _tier_rank(tier: str) -> int:

@@ -56,10 +56,10 @@ class ConnectorSettings(BaseModel):
     load_worth_ratio: float = Field(default=0.5, gt=0, le=1)
     # Where blocks leased in host memory are verified and copied into the engine: "background" on
     # a loader thread while the request waits a step (nothing on the step; vLLM's own offloading
-    # does the same), "on_step" before the step's forward (no hand-off). "auto": background on GPU
-    # engines, whose forward runs on the device; on_step on CPU engines, where a thread's copy
-    # takes the same cores from the forward and the hand-off costs the request a step.
-    host_loads: Literal["auto", "background", "on_step"] = "auto"
+    # does the same), "on_step" before the step's forward (no hand-off, but the copies count in the
+    # step). "auto" (kept for older configs) is background. On CPU engines the two gave the same
+    # TTFT (benchmarks/ttft.py --host-loads) and background 1.7% of step time against 3.0%.
+    host_loads: Literal["auto", "background", "on_step"] = "background"
     save_generated: bool = True  # also save blocks of generated tokens (multi-turn reuse)
     max_save_queue: int = Field(default=1024, ge=1)  # pending save jobs beyond this are skipped
 

@@ -2,11 +2,14 @@
 
 Nothing on the step calls the daemon:
 
-- **Synchronous loads** (blocks the scheduler leased in host memory) are copied before the
-  step's forward, straight from the arena offsets in the step's metadata: each slot's checksum is
-  verified first, then the verified leading run is scattered into the engine's blocks (on CUDA the
-  forward is ordered after the copy on the GPU, without a host wait). The worker then reports the
-  lease as copied and the scheduler releases it.
+- **Host-memory loads** (blocks the scheduler leased in host memory) are copied straight from
+  the arena offsets in the step's metadata: each slot's checksum is verified first, then the
+  verified leading run is scattered into the engine's blocks. By default (``host_loads:
+  background``) a loader thread does this while the request waits a step (on CUDA on its own
+  stream); with ``on_step`` it happens before the step's forward (on CUDA the forward is ordered
+  after the copy on the GPU, without a host wait). The worker then reports the lease as copied and
+  the scheduler releases it. A step with nothing scheduled waits (``load_wait_s``) for a load in
+  flight rather than spinning.
 - **Asynchronous loads** (disk, S3, peers) run on a loader thread: ask the daemon to promote the
   blocks, watch them arrive, and stop as soon as waiting longer would cost the request more than
   its :class:`~connectors.vllm.estimates.LossBudget` allows; lease what arrived, and let the next
