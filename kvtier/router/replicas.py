@@ -14,7 +14,6 @@ Invariants: ``in_flight`` and ``pending_prefill_tokens`` only change on the rout
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -47,7 +46,6 @@ class Replica:
     pending_prefill_tokens: int = 0  # prompt tokens to compute of those without a first token yet
     running: int = 0  # from the replica's /metrics (every client's requests)
     waiting: int = 0
-    metrics_at: float = 0.0  # monotonic time of the last good poll
     failed_polls: int = 0  # in a row
     models: dict[str, ServedModel] = field(default_factory=dict)  # by served model id (its /v1/models)
 
@@ -84,7 +82,6 @@ class Replica:
                 else:
                     waiting = total
         self.running, self.waiting = int(running), int(waiting)
-        self.metrics_at = time.monotonic()
         self.failed_polls = 0
 
     def poll_failed(self, reason: str) -> None:

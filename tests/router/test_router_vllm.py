@@ -125,9 +125,10 @@ def test_a_lora_request_goes_where_its_adapters_blocks_are(fleet: tuple[LocalInd
 
 
 def test_chat_streams_token_by_token(fleet: tuple[LocalIndex, list[Node]], router: Router) -> None:
-    """One server-sent event per token, relayed as the replica sends them. (When the chunks
-    arrive is not asserted: on this 2-core machine vLLM's own server sometimes delivers a whole
-    stream at once, measured without the router in between.)"""
+    """The replica's server-sent events, relayed as it sends them: about one per token. (vLLM
+    puts several tokens in one event when its server falls behind the engine, and on this 2-core
+    machine it sometimes delivers a whole stream at once, measured without the router in between:
+    so neither exactly one event per token nor when they arrive is asserted.)"""
     _, nodes = fleet
     stream = client(router).chat.completions.create(
         model=nodes[0].server.model, messages=[{"role": "user", "content": document(4, 200) + "Go on."}], max_tokens=300,
@@ -136,7 +137,8 @@ def test_chat_streams_token_by_token(fleet: tuple[LocalIndex, list[Node]], route
     for chunk in stream:
         events += bool(chunk.choices)  # (a token that ends inside a UTF-8 character has an empty delta)
         usage = chunk.usage or usage
-    assert events >= 300 and usage is not None and usage.completion_tokens == 300
+    assert usage is not None and usage.completion_tokens == 300
+    assert events >= 100, f"{events} events for 300 tokens: the stream was not relayed event by event"
     assert router.metric("kvtier_router_first_byte_seconds_count") >= 1
 
 
