@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import Row, run_benchmark
-from kvtier.testing.fleet import LocalIndex, Node, Router, local_fleet
+from kvtier.testing.fleet import Node, Router, local_fleet
 from kvtier.testing.server import SERVER_ENV
 from kvtier.testing.tiny_model import WIDE_MODEL, tiny_model_path
 
@@ -136,7 +136,7 @@ def cache_counters(nodes: list[Node]) -> dict[str, float]:
     return {name: sum(node.server.metric(name) for node in nodes) for name in CACHE_METRICS}
 
 
-def measure(workload: Workload, root: Path, quick: bool) -> list[Row]:
+def measure(workload: Workload, root: Path) -> list[Row]:
     from transformers import AutoTokenizer
 
     model_path = tiny_model_path(seed=0, **WIDE_MODEL)
@@ -207,7 +207,7 @@ def run(args) -> list[Row]:
     os.environ.update(SERVER_ENV)  # the router loads the tokenizer offline, as the servers do
     root = Path(tempfile.mkdtemp(prefix="kvroute-", dir="/tmp"))
     try:
-        return measure(QUICK if args.quick else FULL, root, args.quick)
+        return measure(QUICK if args.quick else FULL, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

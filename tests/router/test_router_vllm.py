@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kvtier.blocks.hashing import HashExtras
+from kvtier.blocks.hashing import NO_EXTRAS, HashExtras
 from kvtier.index.client import IndexClient
 from kvtier.testing.daemon import free_port, wait_until
 from kvtier.testing.fleet import LocalIndex, Node, Router, local_fleet
@@ -62,10 +62,12 @@ def client(router: Router, **kwargs) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{router.url}/v1", api_key=API_KEY, max_retries=0, timeout=120, **kwargs)
 
 
-def node_holds(index: LocalIndex, model: str, tokens: list[int], node: str, minimum_tokens: int) -> bool:
+def node_holds(index: LocalIndex, model: str, tokens: list[int], node: str, minimum_tokens: int,
+               extras: HashExtras = NO_EXTRAS) -> bool:
+    """Wait until the index says ``node`` caches at least ``minimum_tokens`` of ``tokens``."""
     with IndexClient(index.address, token=index.token, fast_address=index.fast_address) as index_client:
-        return wait_until(lambda: any(s.node == node and s.tokens >= minimum_tokens for s in index_client.score(model, token_ids=tokens)),
-                          timeout=30, interval=0.1)
+        return wait_until(lambda: any(s.node == node and s.tokens >= minimum_tokens
+                                      for s in index_client.score(model, token_ids=tokens, extras=extras)), timeout=30, interval=0.1)
 
 
 def tokenize(node: Node, body: dict) -> list[int]:
@@ -113,9 +115,8 @@ def test_a_lora_request_goes_where_its_adapters_blocks_are(fleet: tuple[LocalInd
     openai.OpenAI(base_url=f"{node.server.base_url}/v1", api_key="unused", max_retries=0).completions.create(
         model=ADAPTER, prompt=doc + "Summarize.", max_tokens=1, temperature=0)
     doc_tokens = tokenize(node, {"prompt": doc})
+    assert node_holds(index, node.server.model, doc_tokens, "b", len(doc_tokens) - 32, HashExtras(lora_name=ADAPTER))
     with IndexClient(index.address, token=index.token, fast_address=index.fast_address) as index_client:
-        assert wait_until(lambda: any(s.node == "b" and s.tokens >= len(doc_tokens) - 32 for s in index_client.score(
-            node.server.model, token_ids=doc_tokens, extras=HashExtras(lora_name=ADAPTER))), timeout=30, interval=0.1)
         assert not any(s.node == "b" and s.tokens for s in index_client.score(node.server.model, token_ids=doc_tokens))
     for question in ("Who?", "Where?"):
         reply = client(router).completions.with_raw_response.create(model=ADAPTER, prompt=doc + question, max_tokens=2, temperature=0)
