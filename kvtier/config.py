@@ -278,6 +278,38 @@ class RouterConfig(_Section):
     log_decisions: bool = False  # log why each request went where it went
 
 
+class PeerConfig(_Section):
+    """Cross-node reuse (docs/peer.md): on a local miss, pull the blocks another node's daemon
+    holds, or read the ones another node wrote to the shared S3 bucket. Needs an index shared by
+    the nodes (``publish.index``) to find holders, and ``daemon.tcp_address`` to serve peers."""
+
+    enabled: bool = True  # takes effect only with a shared index (publish.index set)
+    # The data path: "nixl" (NIXL only; a peer without it is skipped), "tcp" (the gRPC stream) or
+    # "auto" (NIXL where both sides have it, else the gRPC stream, logged once per peer).
+    transport: Literal["auto", "nixl", "tcp"] = "auto"
+    # NIXL backend: UCX (any network; loopback in tests) or LIBFABRIC (EFA). LIBFABRIC is never
+    # replaced silently: a daemon that cannot load it does not start.
+    nixl_backend: Literal["UCX", "LIBFABRIC"] = "UCX"
+    # The address peers reach this daemon at (published with its heartbeat); default: the host
+    # of daemon.tcp_address, or POD_IP / this host's address when that is a wildcard.
+    advertise_address: str | None = None
+    # How peers authenticate to this daemon's peers: the daemon's own token or mTLS settings
+    # apply. What this daemon presents to peers (default: daemon.auth_token / auth_token_file):
+    auth_token: SecretStr | None = None  # prefer KVTIER_PEER_AUTH_TOKEN
+    auth_token_file: Path | None = None
+    tls_ca_file: Path | None = None  # to verify peers' TLS certificates
+    tls_cert_file: Path | None = None  # client certificate and key, for peers that require mutual TLS
+    tls_key_file: Path | None = None
+    timeout_s: float = Field(default=5.0, gt=0)  # a whole fetch (offer, transfer, checks) ends by then
+    index_timeout_s: float = Field(default=0.05, gt=0)  # a lookup asks the index for holders at most this long
+    holder_wait_s: float = Field(default=1.0, ge=0)  # how long a holder may promote blocks from its disk
+    max_blocks_per_fetch: int = Field(default=256, ge=1, le=65536)
+    fetch_threads: int = Field(default=4, ge=1, le=64)
+    backoff_s: float = Field(default=1.0, gt=0)  # a failing peer is skipped this long, doubling per failure
+    max_backoff_s: float = Field(default=60.0, gt=0)
+    chunk_bytes: ByteSize = Field(default=parse_size("1MiB"), gt=0)  # TCP path: bytes per streamed message
+
+
 class KVTierConfig(_Section):
     daemon: DaemonConfig = DaemonConfig()
     host: HostTierConfig = HostTierConfig()
@@ -287,6 +319,7 @@ class KVTierConfig(_Section):
     index: IndexConfig = IndexConfig()
     publish: PublishConfig = PublishConfig()
     router: RouterConfig = RouterConfig()
+    peer: PeerConfig = PeerConfig()
 
     def __repr__(self) -> str:
         return f"KVTierConfig({self.model_dump_json()})"

@@ -40,8 +40,9 @@ _TIER_PRIORS: dict[str, tuple[float, float]] = {
     "host": (4e9, 0.0005),
     "disk": (1e9, 0.002),
     "s3": (1e8, 0.03),
+    "peer": (1e9, 0.005),  # another node's daemon (benchmarks/peer.py: ~1-2 GB/s over loopback, more on EFA)
 }
-_UNKNOWN_TIER = (1e8, 0.03)  # a tier this connector does not know (a peer, a new backend)
+_UNKNOWN_TIER = (1e8, 0.03)  # a tier this connector does not know (a new backend)
 _SMOOTHING = 0.3  # weight of a new sample in the running estimates
 _SEED_SECONDS = 0.05  # a seeded rate counts as one step of this length
 _RECENT_LARGE = 8  # large samples whose lowest seconds-per-unit bounds the slope

@@ -580,7 +580,7 @@ class SchedulerSide:
                  self.slowest_lookup_s * 1000, self.estimates.prefill_tokens_per_s)
 
 
-_TIER_ORDER = {"host": 0, "disk": 1, "s3": 2}
+_TIER_ORDER = {"host": 0, "disk": 1, "peer": 2, "s3": 3}
 _REPORT_RATE_EVERY_S = 10.0
 _RETRY_DECLINED_S = 5.0  # a tier whose loads were declined is tried again after this long
 _MAX_UNANNOUNCED = 1 << 16

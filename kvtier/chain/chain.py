@@ -105,16 +105,42 @@ class TierChain:
     def _load_catalogue(self, state: _TierState) -> None:
         """Register what a lower tier already holds (after a restart)."""
         for stored in state.tier.scan():
-            record = self._records.get(stored.key)
-            if record is None:
-                record = self._records[stored.key] = BlockRecord(stored.nbytes, stored.checksum)
-            elif record.nbytes != stored.nbytes:
-                log.warning("%s: %s holds %d bytes, another tier %d; ignoring it", state.tier.name, stored.key, stored.nbytes, record.nbytes)
-                continue
-            record.tiers |= 1 << state.index
-            state.used_bytes += state.tier.stored_nbytes(stored.nbytes)
-            state.blocks += 1
-            state.policy.insert(stored.key)
+            if not self._adopt_locked(state, stored.key, stored.nbytes, stored.checksum):
+                log.warning("%s: %s holds %d bytes, another tier %d; ignoring it", state.tier.name, stored.key, stored.nbytes,
+                            self._records[stored.key].nbytes)
+
+    def _adopt_locked(self, state: _TierState, key: BlockKey, nbytes: int, checksum: int | None) -> bool:
+        """Record that ``state``'s tier holds ``key``; False if another tier holds it at another size."""
+        record = self._records.get(key)
+        if record is None:
+            record = self._records[key] = BlockRecord(nbytes, checksum)
+        elif record.nbytes != nbytes:
+            return False
+        if record.in_tier(state.index):
+            return True
+        record.tiers |= 1 << state.index
+        state.used_bytes += state.tier.stored_nbytes(nbytes)
+        state.blocks += 1
+        state.policy.insert(key)
+        return True
+
+    def adopt_shared(self, kind: str, keys: Sequence[BlockKey], nbytes: int) -> int:
+        """Record blocks another node wrote to a shared tier of ``kind`` (the S3 bucket and prefix
+        this chain reads too), known from the index: the catalogue read at start cannot have
+        them. Nothing is read now; a later read checks each block (a block that is not there, or
+        not whole, is a miss then). Returns how many were new here."""
+        with self._lock:
+            state = next((s for s in self._states[1:] if s.tier.kind == kind), None)
+            if state is None:
+                return 0
+            adopted = 0
+            for key in keys:
+                record = self._records.get(key)
+                if record is not None and record.tiers != 0:
+                    continue
+                if self._adopt_locked(state, key, nbytes, None):
+                    adopted += 1
+            return adopted
 
     # ---- change feed (for the index publisher) ------------------------------------------------
 

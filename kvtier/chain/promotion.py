@@ -33,6 +33,16 @@ class Promotion:
     def finished(self) -> bool:
         return self._stopped or self._leading == self.count
 
+    def extend(self, count: int) -> int:
+        """Add ``count`` blocks after the current ones (brought in by another source, such as a
+        peer); returns the index of the first. Call before anyone waits on the promotion."""
+        with self._cond:
+            first = self.count
+            self.count += count
+            self._settled.extend([None] * count)
+            self._cond.notify_all()
+            return first
+
     def settle(self, index: int, brought_in: bool) -> None:
         with self._cond:
             self._settled[index] = brought_in

@@ -18,13 +18,14 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from kvtier.blocks.hashing import BLOCK_HASH_BYTES
 from kvtier.blocks.keys import BlockKey, keys_for
@@ -36,6 +37,9 @@ from kvtier.daemon.client_counters import ClientCounterBoard
 from kvtier.errors import InvalidRequestError, LayoutError, LeaseError
 from kvtier.events.vllm_out import BlockDescription, BlockDescriptions
 from kvtier.tiers.host import Slot
+
+if TYPE_CHECKING:
+    from kvtier.transport.fetcher import Found, PeerFetcher
 
 
 class ReserveStatus(Enum):
@@ -101,6 +105,7 @@ class DaemonCore:
         self.on_new_layout: Callable[[KVLayout], None] | None = None  # the index publisher listens
         self.descriptions: BlockDescriptions | None = None  # set when the daemon publishes vLLM KV events
         self.client_counters = ClientCounterBoard()  # what clients count on their side (Stats shows it)
+        self.peers: PeerFetcher | None = None  # set when the daemon pulls from other nodes (docs/peer.md)
 
     # ---- layouts -----------------------------------------------------------------------------
 
@@ -164,18 +169,44 @@ class DaemonCore:
     # ---- lookups and prefetch ----------------------------------------------------------------
 
     def lookup(self, layout_id: str, block_hashes: Sequence[bytes], refresh: bool = False) -> list[str]:
-        return self.chain.lookup(self._keys(layout_id, block_hashes), refresh)
+        """Tier names of the longest run held here, then ``"peer"`` for the blocks after it that
+        another node holds (a prefetch pulls them); blocks another node wrote to the shared S3
+        bucket answer ``"s3"``."""
+        keys = self._keys(layout_id, block_hashes)
+        remote = self._find_remote(layout_id, keys)
+        tiers = self.chain.lookup(keys, refresh)
+        if remote is not None and len(tiers) == remote[0]:
+            tiers += ["peer"] * remote[1].peer_blocks
+        return tiers
+
+    def _find_remote(self, layout_id: str, keys: list[BlockKey]) -> tuple[int, Found] | None:
+        """What other nodes hold after the local run: (where the peer run starts, what was found),
+        or None when nothing is missing here or the daemon has no peers."""
+        if self.peers is None:
+            return None
+        local = len(self.chain.lookup(keys))
+        if local == len(keys):
+            return None
+        found = self.peers.find(self.layout(layout_id), keys[local:])
+        return local + found.shared, found
 
     def prefetch(self, layout_id: str, block_hashes: Sequence[bytes], wait_s: float, *, budget: FetchBudget | None = None,
-                 lease_for: str | None = None, lease_ttl_s: float = 0, daemon_instance: str = "") -> PrefetchOutcome:
+                 lease_for: str | None = None, lease_ttl_s: float = 0, daemon_instance: str = "",
+                 from_peers: bool = True) -> PrefetchOutcome:
         """Start promoting and wait up to ``wait_s`` for it to finish, or less under ``budget``
         (a waiting request's loss budget: see :class:`FetchBudget`). With ``lease_for`` (a client
-        id), lease the leading run that is in host memory when the wait ends, in the same call."""
+        id), lease the leading run that is in host memory when the wait ends, in the same call.
+        Blocks after the local run that a peer holds are pulled too, unless ``from_peers`` is
+        False (a peer's own offer: holders never chain fetches)."""
         keys = self._keys(layout_id, block_hashes)
         if lease_for is not None:
             self.check_client_id(lease_for)
             self.check_instance(daemon_instance)
+        remote = self._find_remote(layout_id, keys) if from_peers else None
         promotion = self.chain.prefetch(keys)
+        if remote is not None and remote[1].peer_blocks and promotion.count == remote[0]:
+            first = promotion.extend(remote[1].peer_blocks)
+            self.peers.fetch(self.layout(layout_id), keys[first:promotion.count], remote[1].peer, promotion, first)
 
         def remaining_s(elapsed_s: float, got: int) -> float:
             left = wait_s - elapsed_s
@@ -281,6 +312,12 @@ class DaemonCore:
             del self._leases[lease_id]
         self.chain.release(lease_id)
 
+    def holds_lease(self, client_id: str, lease_id: int) -> bool:
+        """Whether ``lease_id`` is live and belongs to ``client_id`` (its blocks are still pinned)."""
+        with self._lock:
+            owner = self._leases.get(lease_id)
+            return owner is not None and owner.client_id == client_id and owner.expires_at > self._clock()
+
     # ---- clients and expiry ------------------------------------------------------------------
 
     def disconnect(self, client_id: str) -> tuple[int, int]:
@@ -333,6 +370,10 @@ class DaemonCore:
         self.client_counters.report(client_id, role, counters, failures)
 
     def stats(self) -> tuple[ChainStats, int]:
+        """The chain's tiers, plus a ``peer`` row when the daemon pulls from other nodes."""
         with self._lock:
             reservations = len(self._reservations)
-        return self.chain.stats(), reservations
+        stats = self.chain.stats()
+        if self.peers is not None:
+            stats = dataclasses.replace(stats, tiers=(*stats.tiers, self.peers.stats()))
+        return stats, reservations

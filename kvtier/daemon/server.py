@@ -41,6 +41,9 @@ from kvtier.index.memory import MemoryIndex
 from kvtier.index.server import IndexSweeper
 from kvtier.index.service import add_index_service
 from kvtier.stop_signals import stop_on_signals, wait_for_stop
+from kvtier.transport.fetcher import PeerFetcher
+from kvtier.transport.service import PeerServicer, add_peer_service
+from kvtier.transport.setup import advertised_address, build_peers
 from kvtier.v1 import daemon_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,8 @@ class DaemonServer:
         self.local_index: MemoryIndex | None = None  # the daemon's own index, when it publishes to no other
         self._sweeper: IndexSweeper | None = None
         self.vllm_events: VllmEventPublisher | None = None
+        self.peer_fetcher: PeerFetcher | None = None
+        self.peer_service: PeerServicer | None = None
 
     # ---- start -------------------------------------------------------------------------------
 
@@ -146,20 +151,26 @@ class DaemonServer:
                 self._fast_server = FastPathServer(self.core, self.fast_socket_path, max_message_bytes=daemon_config.max_message_bytes,
                                                    max_connections=daemon_config.max_local_connections)
                 self._fast_server.start()
+            self.peer_fetcher, self.peer_service = build_peers(self.config, self.core)
+            self.core.peers = self.peer_fetcher
             if daemon_config.tcp_address:
                 interceptors = (BearerTokenInterceptor(token),) if token else ()
                 remote = self._new_server(servicer, options, interceptors)
+                if self.peer_service is not None:
+                    add_peer_service(self.peer_service, remote)  # peers: on the authenticated listener only
                 self.tcp_port = listen(remote, daemon_config.tcp_address, tls, "daemon.tcp_address")
                 remote.start()
             if daemon_config.metrics_address:
                 self._metrics_server, _ = serve_metrics(daemon_config.metrics_address, self.core)
         except BaseException:
             self._shutdown_servers(0)
+            self._close_peers()
             chain.close(flush_timeout=0)
             raise
         self.publisher = IndexPublisher(chain, sink, self.config.publish, node=daemon_config.node,
                                         layouts=served_layouts(self.core.layouts), target=target,
-                                        address=daemon_config.tcp_address or "", s3_location=s3_location_of(self.config))
+                                        address=advertised_address(self.config, self.tcp_port),
+                                        s3_location=s3_location_of(self.config))
         self.core.on_new_layout = lambda layout: self.publisher.request_resync()
         servicer.publisher = self.publisher
         if self.local_index is not None:
@@ -228,6 +239,7 @@ class DaemonServer:
             self._sweeper.close()
         if self.vllm_events is not None:
             self.vllm_events.close()
+        self._close_peers()  # before the chain: NIXL unregisters the arena before it is unmapped
         if self.core is not None:
             pending = self.core.chain.stats().pending_demotions
             if pending:
@@ -239,6 +251,13 @@ class DaemonServer:
             except FileNotFoundError:
                 pass
         log.info("kvtier daemon stopped")
+
+    def _close_peers(self) -> None:
+        if self.peer_fetcher is not None:
+            if self.core is not None:
+                self.core.peers = None
+            self.peer_fetcher.close()
+            self.peer_fetcher = None
 
     def wait(self) -> None:
         self._stopped.wait()

@@ -116,6 +116,15 @@ class SharedArena:
     def view(self, offset: int, nbytes: int) -> memoryview:
         return self.buffer[offset : offset + nbytes]
 
+    def base_address(self) -> int:
+        """The virtual address of the arena's first byte in this process (for NIXL registration);
+        valid until :meth:`close`."""
+        holder = ctypes.c_char.from_buffer(self._map)  # an export of the map, only to learn its address
+        try:
+            return ctypes.addressof(holder)
+        finally:
+            del holder
+
     def populate_in_background(self) -> threading.Thread:
         """Map every page of this mapping on a background thread (``MADV_POPULATE_WRITE``, in
         chunks, without the GIL), so the arena is usable at once and its pages stop costing a

@@ -1,0 +1,81 @@
+"""What a peer offers and the interface every data path implements.
+
+A pull is: ask the holder for an :class:`Offer` (it pins the blocks and says where they are),
+reserve host slots here, have a :class:`PeerTransport` move the offered bytes into them, check
+every block, commit the good ones, release the offer. Transports only move bytes: the checks
+(layout, size, checksum) belong to the fetcher, so no transport can let a bad block through.
+
+Invariant of :meth:`PeerTransport.read`: when it returns, every target slot holds the offered
+bytes as the holder sent them; when it raises (or its deadline passes) nothing of the transfer is
+still running, so the slots may be reused at once; the caller aborts them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from kvtier.errors import KVTierError
+
+if TYPE_CHECKING:
+    from kvtier.tiers.host import Slot
+    from kvtier.transport.channel import PeerChannel
+
+
+class PeerError(KVTierError):
+    """A peer could not serve a fetch (unreachable, refused, timed out, lied): a miss here."""
+
+    def __init__(self, message: str, *, peer: str = "", reason: str = "failed") -> None:
+        super().__init__(message)
+        self.peer = peer
+        self.reason = reason  # a counter name: unreachable, refused, timeout, invalid, corrupt, failed
+
+
+@dataclass(frozen=True, slots=True)
+class OfferedBlock:
+    block_hash: bytes
+    offset: int  # in the holder's arena
+    nbytes: int
+    checksum: int
+
+
+@dataclass(frozen=True, slots=True)
+class NixlEndpoint:
+    """What a puller needs to READ a holder's arena with NIXL."""
+
+    agent: str
+    metadata: bytes
+    arena_base: int
+    backend: str
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """Blocks a holder pinned for a puller (lease ``lease_id``), in the order they were asked for."""
+
+    peer: str  # the holder's node name
+    lease_id: int
+    ttl_s: float
+    blocks: tuple[OfferedBlock, ...]
+    instance: str
+    nixl: NixlEndpoint | None = None
+
+
+class PeerTransport(ABC):
+    """One data path: moves offered blocks from a holder into this daemon's host slots."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def read(self, channel: PeerChannel, offer: Offer, indexes: Sequence[int], slots: Sequence[Slot], deadline: float) -> None:
+        """Copy the offered blocks ``indexes`` into ``slots`` (same length) by ``deadline``
+        (``time.monotonic()``); raise :class:`PeerError` otherwise (see the module invariant)."""
+
+    def usable_for(self, offer: Offer) -> bool:
+        """Whether this transport can read ``offer`` (NIXL needs the holder's endpoint)."""
+        return True
+
+    def close(self) -> None:
+        """Release what the transport holds (connections, registrations)."""

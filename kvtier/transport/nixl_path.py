@@ -1,0 +1,164 @@
+"""The NIXL data path: the puller READs offered blocks straight out of the holder's arena.
+
+One NIXL agent per daemon, created at start: it registers the whole host arena once (so it can
+serve as a holder and receive as a puller) and keeps the agents of the holders it has read from.
+A read prepares two descriptor lists (the holder's blocks, this daemon's slots) and issues one
+batched READ; NIXL has no transfer timeout, so the read polls the transfer against its own
+deadline and releases the handle (cancelling it) when the deadline passes.
+
+The backend is chosen explicitly: UCX (any network; TCP or shared memory on one host) or
+LIBFABRIC (EFA). A backend that cannot be instantiated is a start-up error, never a silent
+fallback: UCX over EFA hardware runs at TCP speeds without saying so (docs/peer.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from kvtier.errors import ConfigError, MissingDependencyError
+from kvtier.transport.base import NixlEndpoint, Offer, PeerError, PeerTransport
+
+if TYPE_CHECKING:
+    from kvtier.tiers.arena import SharedArena
+    from kvtier.tiers.host import Slot
+    from kvtier.transport.channel import PeerChannel
+
+log = logging.getLogger(__name__)
+
+_POLL_FIRST_S = 20e-6
+_POLL_MAX_S = 1e-3
+
+
+def nixl_available() -> bool:
+    try:
+        import nixl._api  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class NixlTransport(PeerTransport):
+    name: ClassVar[str] = "nixl"
+
+    def __init__(self, arena: SharedArena, *, agent_name: str, backend: str = "UCX") -> None:
+        try:
+            from nixl._api import nixl_agent, nixl_agent_config
+        except ImportError as exc:
+            raise MissingDependencyError(
+                "peer.transport is 'nixl' but NIXL is not installed: pip install 'kvtier[peer]' (or nixl), "
+                "or set peer.transport to 'tcp' or 'auto'") from exc
+        self.backend = backend
+        self._arena = arena
+        self._lock = threading.Lock()  # one caller of the agent at a time (it is not thread-safe by default)
+        self._agent = nixl_agent(agent_name, nixl_agent_config(backends=[]))
+        try:
+            self._agent.create_backend(backend, self._agent.get_plugin_params(backend))
+        except Exception as exc:  # nixl raises its own binding errors (NIXL_ERR_NOT_FOUND...)
+            hint = (" LIBFABRIC needs libfabric >= 1.21 from the EFA installer (/opt/amazon/efa/lib first in "
+                    "LD_LIBRARY_PATH) and an EFA device (vpc.amazonaws.com/efa); see docs/peer.md") if backend == "LIBFABRIC" else ""
+            raise ConfigError(f"NIXL backend {backend} cannot be instantiated ({exc}); kvtier does not fall back to "
+                              f"another backend on its own.{hint}") from exc
+        self._base = arena.base_address()
+        self._registration = self._agent.register_memory(
+            self._agent.get_reg_descs([(self._base, arena.nbytes, 0, "")], "DRAM"))
+        self.endpoint = NixlEndpoint(agent_name, bytes(self._agent.get_agent_metadata()), self._base, backend)
+        self._remote_agents: set[str] = set()
+        log.info("NIXL agent %s: backend %s, arena of %d bytes registered", agent_name, backend, arena.nbytes)
+
+    def usable_for(self, offer: Offer) -> bool:
+        return offer.nixl is not None and offer.nixl.backend == self.backend
+
+    def _remote(self, endpoint: NixlEndpoint) -> str:
+        with self._lock:
+            if endpoint.agent not in self._remote_agents:
+                name = self._agent.add_remote_agent(endpoint.metadata)
+                name = name.decode() if isinstance(name, bytes) else str(name)
+                if name != endpoint.agent:
+                    self._agent.remove_remote_agent(name)
+                    raise PeerError(f"NIXL metadata names agent {name!r}, the offer {endpoint.agent!r}", reason="invalid")
+                self._remote_agents.add(name)
+            return endpoint.agent
+
+    def _forget(self, agent: str) -> None:
+        with self._lock:
+            if agent in self._remote_agents:
+                self._remote_agents.discard(agent)
+                try:
+                    self._agent.remove_remote_agent(agent)
+                except Exception:  # already gone
+                    pass
+
+    def read(self, channel: PeerChannel, offer: Offer, indexes: Sequence[int], slots: Sequence[Slot], deadline: float) -> None:
+        endpoint = offer.nixl
+        if endpoint is None:
+            raise PeerError(f"peer {offer.peer} offered no NIXL endpoint", peer=offer.peer, reason="invalid")
+        try:
+            remote = self._remote(endpoint)
+        except PeerError:
+            raise
+        except Exception as exc:
+            raise PeerError(f"peer {offer.peer}: NIXL could not load its agent metadata ({exc})", peer=offer.peer,
+                            reason="invalid") from exc
+        blocks = [offer.blocks[i] for i in indexes]
+        count = len(blocks)
+        state, handles = "ERR", []
+        try:
+            with self._lock:
+                local = self._agent.prep_xfer_dlist("", [(self._base + s.offset, s.nbytes, 0) for s in slots], "DRAM")
+                handles.append(("dlist", local))
+                far = self._agent.prep_xfer_dlist(remote, [(endpoint.arena_base + b.offset, b.nbytes, 0) for b in blocks], "DRAM")
+                handles.append(("dlist", far))
+                xfer = self._agent.make_prepped_xfer("READ", local, list(range(count)), far, list(range(count)))
+                handles.append(("xfer", xfer))
+                state = self._agent.transfer(xfer)
+            pause = _POLL_FIRST_S
+            while state == "PROC":
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(pause)
+                pause = min(pause * 2, _POLL_MAX_S)
+                with self._lock:
+                    state = self._agent.check_xfer_state(xfer)
+        except PeerError:
+            raise
+        except Exception as exc:  # nixl binding errors: bad descriptors, a vanished peer
+            self._forget(remote)
+            raise PeerError(f"peer {offer.peer}: NIXL READ failed ({exc})", peer=offer.peer, reason="failed") from exc
+        finally:
+            self._release(handles)
+        if state == "DONE":
+            return
+        if state == "PROC":
+            raise PeerError(f"peer {offer.peer}: NIXL READ of {count} blocks passed its deadline; cancelled", peer=offer.peer,
+                            reason="timeout")
+        self._forget(remote)  # a fresh connection next time (the peer may have restarted)
+        raise PeerError(f"peer {offer.peer}: NIXL READ of {count} blocks failed ({state})", peer=offer.peer, reason="failed")
+
+    def _release(self, handles: list[tuple[str, Any]]) -> None:
+        """Release the transfer (cancelling it if still running), then the descriptor lists."""
+        with self._lock:
+            for kind, handle in reversed(handles):
+                try:
+                    if kind == "xfer":
+                        self._agent.release_xfer_handle(handle)
+                    else:
+                        self._agent.release_dlist_handle(handle)
+                except Exception:
+                    log.exception("releasing a NIXL %s handle failed", kind)
+
+    def close(self) -> None:
+        with self._lock:
+            for agent in list(self._remote_agents):
+                try:
+                    self._agent.remove_remote_agent(agent)
+                except Exception:
+                    pass
+            self._remote_agents.clear()
+            try:
+                self._agent.deregister_memory(self._registration)
+            except Exception:
+                log.exception("deregistering the arena from NIXL failed")

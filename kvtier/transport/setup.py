@@ -1,0 +1,76 @@
+"""Building a daemon's peer side from the configuration: transports, fetcher, holder service."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from kvtier.config import KVTierConfig
+from kvtier.daemon.core import DaemonCore
+from kvtier.errors import ConfigError
+from kvtier.transport.base import PeerTransport
+from kvtier.transport.channel import PeerCredentials
+from kvtier.transport.directory import open_directory
+from kvtier.transport.fetcher import PeerFetcher
+from kvtier.transport.grpc_stream import GrpcStreamTransport
+from kvtier.transport.nixl_path import NixlTransport, nixl_available
+from kvtier.transport.service import PeerServicer
+
+log = logging.getLogger(__name__)
+
+_WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
+
+
+def advertised_address(config: KVTierConfig, bound_port: int | None) -> str:
+    """The address peers reach this daemon at: ``peer.advertise_address``, else the TCP
+    listener's, with a wildcard host replaced by ``POD_IP`` or this host's address."""
+    if config.peer.advertise_address:
+        return config.peer.advertise_address
+    tcp = config.daemon.tcp_address
+    if not tcp:
+        return ""
+    host, _, port = tcp.rpartition(":")
+    if host in _WILDCARDS:
+        host = os.environ.get("POD_IP") or socket.gethostbyname(socket.gethostname())
+    if bound_port:
+        port = str(bound_port)
+    return f"{host}:{port}"
+
+
+def build_transports(config: KVTierConfig, core: DaemonCore) -> tuple[list[PeerTransport], NixlTransport | None]:
+    """The data paths in order of preference, and the NIXL one (it also serves as holder)."""
+    peer = config.peer
+    host = core.chain.host
+    stream = GrpcStreamTransport(host, puller=config.daemon.node, chunk_bytes=peer.chunk_bytes)
+    nixl = None
+    if peer.transport == "nixl" or (peer.transport == "auto" and nixl_available()):
+        nixl = NixlTransport(host.arena, agent_name=f"kvtier-{config.daemon.node}-{core.instance[:12]}", backend=peer.nixl_backend)
+    elif peer.transport == "auto":
+        log.info("NIXL is not installed: peers are pulled over the TCP path (pip install 'kvtier[peer]' for NIXL)")
+    if peer.transport == "nixl":
+        return [nixl], nixl
+    if peer.transport == "tcp":
+        return [stream], None
+    return ([nixl] if nixl else []) + [stream], nixl
+
+
+def build_peers(config: KVTierConfig, core: DaemonCore) -> tuple[PeerFetcher | None, PeerServicer | None]:
+    """The fetcher (None without a shared index or with peers disabled) and the holder's service
+    (None without a TCP listener: other nodes cannot reach this one)."""
+    if not config.peer.enabled:
+        return None, None
+    directory = open_directory(config)
+    if directory is None:
+        return None, None  # only this node's own index: no other node to pull from
+    if config.peer.nixl_backend == "LIBFABRIC" and config.peer.transport == "tcp":
+        raise ConfigError("peer.nixl_backend is LIBFABRIC but peer.transport is tcp: set peer.transport to nixl for EFA")
+    transports, nixl = build_transports(config, core)
+    fetcher = PeerFetcher(core.chain, directory, config.peer, node=config.daemon.node, transports=transports,
+                          credentials=PeerCredentials.from_config(config))
+    servicer = None
+    if config.daemon.tcp_address:
+        servicer = PeerServicer(core, nixl=nixl.endpoint if nixl else None, max_wait_s=config.peer.holder_wait_s)
+    else:
+        log.warning("daemon.tcp_address is not set: this daemon pulls blocks from peers but serves none to them")
+    return fetcher, servicer
