@@ -70,8 +70,8 @@ class PeerFetcher:
     def __init__(self, chain: TierChain, directory: BlockDirectory, config: PeerConfig, *, node: str,
                  transports: Sequence[PeerTransport], credentials: PeerCredentials,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if not transports:
-            raise ValueError("a peer fetcher needs at least one transport")
+        if config.enabled and not transports:
+            raise ValueError("a peer fetcher that pulls from peers needs at least one transport")
         self.chain = chain
         self.directory = directory
         self.config = config
@@ -106,6 +106,8 @@ class PeerFetcher:
             adopted = self.chain.adopt_shared("s3", keys[:shared], layout.block_nbytes)
             with self._lock:
                 self.shared_adopted += adopted
+        if not self.config.enabled:
+            return Found(shared)
         now = self._clock()
         candidates: set[str] | None = None
         run = 0

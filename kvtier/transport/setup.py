@@ -56,21 +56,22 @@ def build_transports(config: KVTierConfig, core: DaemonCore) -> tuple[list[PeerT
 
 
 def build_peers(config: KVTierConfig, core: DaemonCore) -> tuple[PeerFetcher | None, PeerServicer | None]:
-    """The fetcher (None without a shared index or with peers disabled) and the holder's service
-    (None without a TCP listener: other nodes cannot reach this one)."""
-    if not config.peer.enabled:
-        return None, None
+    """The fetcher (None without a shared index; with ``peer.enabled`` false it only finds blocks
+    in the shared S3 bucket) and the holder's service (None without a TCP listener, or with peers
+    disabled: other nodes cannot pull from this one)."""
     directory = open_directory(config)
     if directory is None:
         return None, None  # only this node's own index: no other node to pull from
+    if not config.peer.enabled:
+        fetcher = PeerFetcher(core.chain, directory, config.peer, node=config.daemon.node, transports=[],
+                              credentials=PeerCredentials())
+        return fetcher, None
     if config.peer.nixl_backend == "LIBFABRIC" and config.peer.transport == "tcp":
         raise ConfigError("peer.nixl_backend is LIBFABRIC but peer.transport is tcp: set peer.transport to nixl for EFA")
     transports, nixl = build_transports(config, core)
     fetcher = PeerFetcher(core.chain, directory, config.peer, node=config.daemon.node, transports=transports,
                           credentials=PeerCredentials.from_config(config))
-    servicer = None
-    if config.daemon.tcp_address:
-        servicer = PeerServicer(core, nixl=nixl.endpoint if nixl else None, max_wait_s=config.peer.holder_wait_s)
-    else:
+    if not config.daemon.tcp_address:
         log.warning("daemon.tcp_address is not set: this daemon pulls blocks from peers but serves none to them")
-    return fetcher, servicer
+        return fetcher, None
+    return fetcher, PeerServicer(core, nixl=nixl.endpoint if nixl else None, max_wait_s=config.peer.holder_wait_s)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -48,8 +50,9 @@ def payloads(hashes: list[bytes]) -> dict[bytes, bytes]:
 class PeerPair:
     """Daemon A (the holder) and daemon B (the puller), each with a client."""
 
-    def __init__(self, a: LocalDaemon, b: LocalDaemon) -> None:
+    def __init__(self, a: LocalDaemon, b: LocalDaemon, redis_url: str, namespace: str) -> None:
         self.a, self.b = a, b
+        self.redis_url, self.namespace = redis_url, namespace
         self.client_a = DaemonClient(a.socket_path, timeout_s=10)
         self.client_b = DaemonClient(b.socket_path, timeout_s=10)
         self.client_a.register_layout(LAYOUT)
@@ -79,17 +82,77 @@ def peer_pair(tmp_path: Path, redis_url: str) -> Iterator[Callable[..., PeerPair
     with ExitStack() as stack:
 
         def start(transport_a: str = "auto", transport_b: str = "auto", env_a: dict | None = None,
-                  env_b: dict | None = None, host_capacity: str = "64MiB") -> PeerPair:
+                  env_b: dict | None = None, host_capacity: str = "64MiB", port_a: int | None = None) -> PeerPair:
             namespace = f"peer-{uuid.uuid4().hex[:8]}"
-            a = LocalDaemon(tmp_path / "a", env=peer_env("node-a", redis_url, namespace, port=free_port(), transport=transport_a,
+            a = LocalDaemon(tmp_path / "a", env=peer_env("node-a", redis_url, namespace, port=port_a or free_port(), transport=transport_a,
                                                          **(env_a or {})), host_capacity=host_capacity)
             b = LocalDaemon(tmp_path / "b", env=peer_env("node-b", redis_url, namespace, port=free_port(), transport=transport_b,
                                                          **(env_b or {})), host_capacity=host_capacity)
             for daemon in (a, b):
                 daemon.start()
                 stack.callback(lambda d=daemon: d.stop() if d.process and d.process.poll() is None else None)
-            pair = PeerPair(a, b)
+            pair = PeerPair(a, b, redis_url, namespace)
             stack.callback(pair.close)
             return pair
 
         yield start
+
+
+class KillingForwarder:
+    """A TCP forwarder in front of a daemon's listener that SIGKILLs the daemon once ``kill_after``
+    bytes have gone from it to the client: a holder dying in the middle of serving a fetch.
+
+    For the TCP path the block bytes pass through it (a kill mid-stream); for NIXL only the
+    control channel does, so a threshold past the offer (it carries the NIXL metadata) kills the
+    holder after its offer and before or during the READ.
+    """
+
+    def __init__(self, upstream_port: int, kill_after: int, kill_delay_s: float = 0.0) -> None:
+        self.upstream_port = upstream_port
+        self.daemon: LocalDaemon | None = None  # set once started
+        self.kill_after = kill_after
+        self.kill_delay_s = kill_delay_s
+        self.forwarded = 0
+        self.killed = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:  # the daemon is dead: so is this connection
+                client.close()
+                continue
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, from_daemon: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+                if from_daemon:
+                    with self._lock:
+                        self.forwarded += len(data)
+                        crossed = self.forwarded >= self.kill_after and not self.killed.is_set()
+                        if crossed:
+                            self.killed.set()
+                    if crossed:
+                        threading.Timer(self.kill_delay_s, self.daemon.process.kill).start()
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._listener.close()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
+
+from kvtier.testing.daemon import wait_until
 
 from tests.transport.conftest import LAYOUT, prompt_hashes
 
@@ -24,3 +28,24 @@ def test_b_pulls_what_a_holds_and_reads_the_same_bytes(peer_pair, transport: str
     stats = pair.peer_stats(pair.client_b)
     assert stats["hits"] == 24 and stats["corrupt"] == 0 and stats["errors"] == 0
     assert stats["bytes_in"] == 24 * LAYOUT.block_nbytes
+
+
+@pytest.mark.s3
+def test_b_reads_blocks_a_wrote_to_the_shared_bucket_after_b_started(peer_pair, moto_endpoint: str) -> None:
+    """Only S3 is shared (peers disabled): B learns from the index that its own bucket now holds
+    A's blocks, adopts them into its S3 catalogue and promotes them like any S3 hit."""
+    import boto3
+
+    bucket = f"shared-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=bucket)
+    s3 = {"KVTIER_S3_ENABLED": "true", "KVTIER_S3_BUCKET": bucket, "KVTIER_S3_ENDPOINT_URL": moto_endpoint,
+          "KVTIER_DISK_ENABLED": "false", "KVTIER_CHAIN_WRITE_MODE": "write-through", "KVTIER_PEER_ENABLED": "false"}
+    pair = peer_pair(env_a=s3, env_b=s3)
+    hashes = prompt_hashes(8, seed=3)
+    assert pair.client_b.lookup(LAYOUT.layout_id, hashes) == []  # B started before A wrote anything
+    data = pair.fill_a(hashes)
+    assert wait_until(lambda: pair.client_b.lookup(LAYOUT.layout_id, hashes) == ["s3"] * 8, timeout=20), pair.b.log()[-3000:]
+    assert pair.client_b.prefetch(LAYOUT.layout_id, hashes, wait_s=10) == (8, True)
+    assert pair.client_b.read_blocks(LAYOUT.layout_id, hashes) == [data[h] for h in hashes]
+    s3_tier = next(t for t in pair.client_b.stats().chain.tiers if t.name == "s3")
+    assert s3_tier.counters.hits == 8 and s3_tier.counters.corrupt == 0
