@@ -15,6 +15,7 @@ from kvtier.chain.stats import TierCounters
 
 if TYPE_CHECKING:
     from kvtier.daemon.core import DaemonCore
+    from kvtier.transport.service import PeerServicer
 
 REGISTRY = CollectorRegistry()
 
@@ -43,8 +44,9 @@ _COUNTER_HELP = {
 class ChainCollector(Collector):
     """Reads the chain's stats on each scrape (no state of its own)."""
 
-    def __init__(self, core: DaemonCore) -> None:
+    def __init__(self, core: DaemonCore, peer_service: PeerServicer | None = None) -> None:
         self.core = core
+        self.peer_service = peer_service
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats, reservations = self.core.stats()
@@ -71,12 +73,35 @@ class ChainCollector(Collector):
         yield GaugeMetricFamily("kvtier_active_leases", "Leases held by clients.", value=stats.active_leases)
         yield GaugeMetricFamily("kvtier_pinned_blocks", "Host blocks pinned by leases or demotions.", value=stats.pinned_blocks)
         yield GaugeMetricFamily("kvtier_active_reservations", "Arena slots reserved and not yet committed.", value=reservations)
+        yield from self._peer_metrics()
+
+    def _peer_metrics(self) -> Iterator[CounterMetricFamily]:
+        """Peer fetches by data path and failures by reason (the puller); blocks served (the holder).
+        The peer tier's blocks and bytes are the ``kvtier_tier_*{tier="peer"}`` series above."""
+        peers = self.core.peers
+        if peers is not None:
+            fetches = CounterMetricFamily("kvtier_peer_fetches", "Peer fetches that moved blocks, by data path.", labels=["transport"])
+            failures = CounterMetricFamily("kvtier_peer_fetch_failures", "Peer fetches that failed, by reason.", labels=["reason"])
+            by_transport, by_reason, adopted = peers.counts()
+            for transport, count in by_transport.items():
+                fetches.add_metric([transport], count)
+            for reason, count in by_reason.items():
+                failures.add_metric([reason], count)
+            yield fetches
+            yield failures
+            yield CounterMetricFamily("kvtier_shared_blocks_adopted", "Blocks other nodes wrote to the shared S3 bucket, "
+                                      "found through the index.", value=adopted)
+        if self.peer_service is not None:
+            yield CounterMetricFamily("kvtier_peer_served_blocks", "Blocks this daemon streamed to peers over the TCP path.",
+                                      value=self.peer_service.served_blocks)
+            yield CounterMetricFamily("kvtier_peer_offered_blocks", "Blocks this daemon offered (pinned) to peers.",
+                                      value=self.peer_service.offered_blocks)
 
 
-def serve_metrics(address: str, core: DaemonCore) -> tuple[object, object]:
+def serve_metrics(address: str, core: DaemonCore, peer_service: PeerServicer | None = None) -> tuple[object, object]:
     """Start the /metrics HTTP endpoint on ``host:port``; returns (server, thread)."""
     host, _, port = address.rpartition(":")
-    collector = ChainCollector(core)
+    collector = ChainCollector(core, peer_service)
     REGISTRY.register(collector)
     server, thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=REGISTRY)
     server.kvtier_collector = collector  # type: ignore[attr-defined]

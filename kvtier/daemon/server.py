@@ -161,7 +161,7 @@ class DaemonServer:
                 self.tcp_port = listen(remote, daemon_config.tcp_address, tls, "daemon.tcp_address")
                 remote.start()
             if daemon_config.metrics_address:
-                self._metrics_server, _ = serve_metrics(daemon_config.metrics_address, self.core)
+                self._metrics_server, _ = serve_metrics(daemon_config.metrics_address, self.core, self.peer_service)
         except BaseException:
             self._shutdown_servers(0)
             self._close_peers()

@@ -86,7 +86,6 @@ class PeerFetcher:
         self._pool = ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="kvtier-peer")
         self.counters = TierCounters()  # hits: blocks fetched; misses: blocks asked and not brought in
         self.failures: Counter[str] = Counter()  # failed fetches by reason
-        self.fetches = 0
         self.shared_adopted = 0
         self.by_transport: Counter[str] = Counter()
 
@@ -175,7 +174,8 @@ class PeerFetcher:
                 if count:
                     transport = self._transport_for(offer)
                     self._pull(transport, channel, offer, keys[:count], layout, reserved, settled, promotion, first, deadline)
-                    self.by_transport[transport.name] += 1
+                    with self._lock:
+                        self.by_transport[transport.name] += 1
             finally:
                 if offer.lease_id:
                     self._release(channel, offer)
@@ -190,7 +190,6 @@ class PeerFetcher:
                 self.chain.abort(slot)
             fetched = sum(settled)
             with self._lock:
-                self.fetches += 1
                 self.counters.hits += fetched
                 self.counters.misses += len(keys) - fetched
             for i, ok in enumerate(settled):
@@ -265,6 +264,11 @@ class PeerFetcher:
         log.warning("peer fetch from %s failed (%s): %s; skipping it for %.1fs", peer, exc.reason, exc, pause)
 
     # ---- stats and lifecycle -----------------------------------------------------------------
+
+    def counts(self) -> tuple[dict[str, int], dict[str, int], int]:
+        """(fetches by data path, failed fetches by reason, shared blocks adopted), for metrics."""
+        with self._lock:
+            return dict(self.by_transport), dict(self.failures), self.shared_adopted
 
     def stats(self) -> TierStats:
         """The peer tier as ``kvtier stats`` shows it: hits are blocks fetched, misses blocks not."""

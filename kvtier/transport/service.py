@@ -49,8 +49,8 @@ class PeerServicer(pb_grpc.KVTierPeerServicer):
         self.max_wait_s = max_wait_s
         self._lock = threading.Lock()
         self._offers: dict[int, tuple[str, tuple[LeasedSlot, ...]]] = {}  # lease id -> (lessee, slots)
-        self.served_blocks = 0
-        self.served_bytes = 0
+        self.offered_blocks = 0  # pinned for a peer (it may then read them over NIXL or the stream)
+        self.served_blocks = 0  # streamed over the TCP path
 
     def _forget_dead_offers(self) -> None:
         with self._lock:
@@ -80,6 +80,7 @@ class PeerServicer(pb_grpc.KVTierPeerServicer):
         lease = outcome.lease
         with self._lock:
             self._offers[lease.lease_id] = (lessee, lease.slots)
+            self.offered_blocks += len(lease.slots)
         reply.lease_id = lease.lease_id
         reply.ttl_s = lease.ttl_s
         reply.blocks.extend(pb.OfferedBlock(block_hash=s.block_hash, offset=s.offset, nbytes=s.nbytes, checksum=s.checksum)
@@ -119,8 +120,8 @@ class PeerServicer(pb_grpc.KVTierPeerServicer):
             view = arena.view(slot.offset, slot.nbytes)
             for start in range(0, slot.nbytes, chunk):
                 yield pb.BlockChunk(index=index, start=start, data=bytes(view[start:start + chunk]))
-            self.served_blocks += 1
-            self.served_bytes += slot.nbytes
+            with self._lock:
+                self.served_blocks += 1
 
     @_rpc
     def Release(self, request: pb.ReleaseOfferRequest, context: grpc.ServicerContext) -> pb.ReleaseOfferResponse:

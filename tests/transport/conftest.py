@@ -25,7 +25,6 @@ def peer_env(node: str, redis_url: str, namespace: str, *, port: int | None = No
              token: str = TOKEN, **extra: str) -> dict[str, str]:
     env = {
         "KVTIER_DAEMON_NODE": node,
-        "KVTIER_DAEMON_AUTH_TOKEN": token,
         "KVTIER_PUBLISH_INDEX": redis_url,
         "KVTIER_PUBLISH_NAMESPACE": namespace,
         "KVTIER_PUBLISH_INTERVAL_S": "0.05",
@@ -33,6 +32,8 @@ def peer_env(node: str, redis_url: str, namespace: str, *, port: int | None = No
         "KVTIER_PEER_TRANSPORT": transport,
         **extra,
     }
+    if token:
+        env["KVTIER_DAEMON_AUTH_TOKEN"] = token
     if port is not None:
         env["KVTIER_DAEMON_TCP_ADDRESS"] = f"127.0.0.1:{port}"
     return env
@@ -82,12 +83,13 @@ def peer_pair(tmp_path: Path, redis_url: str) -> Iterator[Callable[..., PeerPair
     with ExitStack() as stack:
 
         def start(transport_a: str = "auto", transport_b: str = "auto", env_a: dict | None = None,
-                  env_b: dict | None = None, host_capacity: str = "64MiB", port_a: int | None = None) -> PeerPair:
+                  env_b: dict | None = None, host_capacity: str = "64MiB", port_a: int | None = None,
+                  token: str = TOKEN) -> PeerPair:
             namespace = f"peer-{uuid.uuid4().hex[:8]}"
             a = LocalDaemon(tmp_path / "a", env=peer_env("node-a", redis_url, namespace, port=port_a or free_port(), transport=transport_a,
-                                                         **(env_a or {})), host_capacity=host_capacity)
+                                                         token=token, **(env_a or {})), host_capacity=host_capacity)
             b = LocalDaemon(tmp_path / "b", env=peer_env("node-b", redis_url, namespace, port=free_port(), transport=transport_b,
-                                                         **(env_b or {})), host_capacity=host_capacity)
+                                                         token=token, **(env_b or {})), host_capacity=host_capacity)
             for daemon in (a, b):
                 daemon.start()
                 stack.callback(lambda d=daemon: d.stop() if d.process and d.process.poll() is None else None)

@@ -186,3 +186,29 @@ def test_a_peer_that_offers_the_wrong_blocks_or_layout_is_refused_before_any_tra
     finally:
         server.stop(0)
         store.close()
+
+
+@pytest.mark.parametrize("client_ca", ["fleet-ca", "another-ca"])
+def test_peers_with_mutual_tls_and_no_token(peer_pair, tmp_path: Path, client_ca: str) -> None:
+    """Holders require a client certificate from the fleet's CA: B with one pulls, B with a
+    certificate from another CA gets nothing."""
+    certs = pytest.importorskip("tests.certs")
+    fleet = certs.make_ca("fleet-ca")
+    files = {"ca.crt": certs.ca_pem(fleet)}
+    files["server.key"], files["server.crt"] = certs.issue(fleet, "kvtier-daemon")
+    files["client.key"], files["client.crt"] = certs.issue(fleet if client_ca == "fleet-ca" else certs.make_ca("another-ca"), "node-b")
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    listener = {"KVTIER_DAEMON_TLS_CERT_FILE": str(tmp_path / "server.crt"), "KVTIER_DAEMON_TLS_KEY_FILE": str(tmp_path / "server.key"),
+                "KVTIER_DAEMON_TLS_CLIENT_CA_FILE": str(tmp_path / "ca.crt")}
+    puller = {**listener, "KVTIER_PEER_TLS_CA_FILE": str(tmp_path / "ca.crt"), "KVTIER_PEER_TLS_CERT_FILE": str(tmp_path / "client.crt"),
+              "KVTIER_PEER_TLS_KEY_FILE": str(tmp_path / "client.key")}
+    pair = peer_pair("tcp", "tcp", env_a=listener, env_b=puller, token="")
+    hashes = prompt_hashes(4, seed=16)
+    data = pair.fill_a(hashes)
+    assert pair.wait_b_sees_peer(hashes)
+    host_blocks, _ = pair.client_b.prefetch(LAYOUT.layout_id, hashes, wait_s=5)
+    if client_ca == "fleet-ca":
+        assert host_blocks == 4 and pair.client_b.read_blocks(LAYOUT.layout_id, hashes) == [data[h] for h in hashes]
+    else:
+        assert host_blocks == 0 and pair.peer_stats(pair.client_b)["errors"] == 1

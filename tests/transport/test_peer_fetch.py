@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import httpx
 import pytest
 
 from kvtier.testing.daemon import wait_until
@@ -28,6 +29,13 @@ def test_b_pulls_what_a_holds_and_reads_the_same_bytes(peer_pair, transport: str
     stats = pair.peer_stats(pair.client_b)
     assert stats["hits"] == 24 and stats["corrupt"] == 0 and stats["errors"] == 0
     assert stats["bytes_in"] == 24 * LAYOUT.block_nbytes
+    # The data path really used, and the holder's side, as Prometheus shows them.
+    puller = httpx.get(f"http://127.0.0.1:{pair.b.metrics_port}/metrics").text
+    holder = httpx.get(f"http://127.0.0.1:{pair.a.metrics_port}/metrics").text
+    assert f'kvtier_peer_fetches_total{{transport="{transport}"}} 1.0' in puller
+    assert 'kvtier_tier_hits_total{kind="peer",tier="peer"} 24.0' in puller
+    assert "kvtier_peer_offered_blocks_total 24.0" in holder
+    assert f"kvtier_peer_served_blocks_total {24.0 if transport == 'tcp' else 0.0}" in holder
 
 
 @pytest.mark.s3
