@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from kvtier.blocks.layout import KVLayout
 from kvtier.config import KVTierConfig
 from kvtier.errors import KVTierError
-from kvtier.events.sinks import index_client_for
 from kvtier.events.model import Space, index_keys
+from kvtier.events.sinks import index_client_for
 from kvtier.index.base import Holding, KVIndex, NodeStatus
 from kvtier.index.factory import REDIS_SCHEMES
 

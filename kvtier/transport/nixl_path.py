@@ -89,8 +89,8 @@ class NixlTransport(PeerTransport):
                 self._remote_agents.discard(agent)
                 try:
                     self._agent.remove_remote_agent(agent)
-                except Exception:  # already gone
-                    pass
+                except Exception as exc:  # noqa: BLE001 - nixl's binding errors have no common type
+                    log.debug("removing NIXL agent %s: %s", agent, exc)
 
     def read(self, channel: PeerChannel, offer: Offer, indexes: Sequence[int], slots: Sequence[Slot], deadline: float) -> None:
         endpoint = offer.nixl
@@ -155,8 +155,8 @@ class NixlTransport(PeerTransport):
             for agent in list(self._remote_agents):
                 try:
                     self._agent.remove_remote_agent(agent)
-                except Exception:
-                    pass
+                except Exception as exc:  # noqa: BLE001 - nixl's binding errors have no common type
+                    log.debug("removing NIXL agent %s: %s", agent, exc)
             self._remote_agents.clear()
             try:
                 self._agent.deregister_memory(self._registration)

@@ -86,13 +86,23 @@ def peer_pair(tmp_path: Path, redis_url: str) -> Iterator[Callable[..., PeerPair
                   env_b: dict | None = None, host_capacity: str = "64MiB", port_a: int | None = None,
                   token: str = TOKEN) -> PeerPair:
             namespace = f"peer-{uuid.uuid4().hex[:8]}"
-            a = LocalDaemon(tmp_path / "a", env=peer_env("node-a", redis_url, namespace, port=port_a or free_port(), transport=transport_a,
-                                                         token=token, **(env_a or {})), host_capacity=host_capacity)
-            b = LocalDaemon(tmp_path / "b", env=peer_env("node-b", redis_url, namespace, port=free_port(), transport=transport_b,
-                                                         token=token, **(env_b or {})), host_capacity=host_capacity)
-            for daemon in (a, b):
-                daemon.start()
-                stack.callback(lambda d=daemon: d.stop() if d.process and d.process.poll() is None else None)
+            def daemon(name: str, transport: str, env: dict | None, port: int | None) -> LocalDaemon:
+                for attempt in range(3):  # a port found free may be taken before the daemon binds it
+                    started = LocalDaemon(tmp_path / name, env=peer_env(f"node-{name}", redis_url, namespace, port=port or free_port(),
+                                                                       transport=transport, token=token, **(env or {})),
+                                          host_capacity=host_capacity)
+                    try:
+                        started.start()
+                    except RuntimeError as exc:
+                        if attempt == 2 or not any(m in str(exc) for m in ("in use", "Failed to bind", "cannot listen")):
+                            raise
+                        continue
+                    stack.callback(lambda d=started: d.stop() if d.process and d.process.poll() is None else None)
+                    return started
+                raise AssertionError("unreachable")
+
+            a = daemon("a", transport_a, env_a, port_a)
+            b = daemon("b", transport_b, env_b, None)
             pair = PeerPair(a, b, redis_url, namespace)
             stack.callback(pair.close)
             return pair

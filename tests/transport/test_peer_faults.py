@@ -139,7 +139,7 @@ class _LyingPeer(pb_grpc.KVTierPeerServicer):
         self.lie = lie
         self.reads = 0
 
-    def Offer(self, request, context):  # noqa: N802 - gRPC's method name
+    def Offer(self, request, context):
         hashes = [request.block_hashes[i:i + 16] for i in range(0, len(request.block_hashes), 16)]
         nbytes = LAYOUT.block_nbytes // 2 if self.lie == "wrong-size" else LAYOUT.block_nbytes
         if self.lie == "other-block":
@@ -149,11 +149,11 @@ class _LyingPeer(pb_grpc.KVTierPeerServicer):
         return pb.OfferResponse(lease_id=7, ttl_s=5, instance="liar",
                                 blocks=[pb.OfferedBlock(block_hash=h, offset=i * nbytes, nbytes=nbytes, checksum=1) for i, h in enumerate(hashes)])
 
-    def Read(self, request, context):  # noqa: N802
+    def Read(self, request, context):
         self.reads += 1
         yield from ()
 
-    def Release(self, request, context):  # noqa: N802
+    def Release(self, request, context):
         return pb.ReleaseOfferResponse()
 
 

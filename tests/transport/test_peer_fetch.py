@@ -8,7 +8,6 @@ import httpx
 import pytest
 
 from kvtier.testing.daemon import wait_until
-
 from tests.transport.conftest import LAYOUT, prompt_hashes
 
 pytestmark = pytest.mark.timeout(120)
