@@ -134,6 +134,9 @@ class DaemonServer:
             chain.close(flush_timeout=0)
             raise
         self._health = health.HealthServicer()
+        # Not ready until every part has started (grpc's health service says SERVING by default).
+        self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         options = [
             ("grpc.max_receive_message_length", daemon_config.max_message_bytes),
             ("grpc.max_send_message_length", daemon_config.max_message_bytes),
