@@ -55,6 +55,8 @@ def test_a_holder_killed_in_the_middle_of_a_fetch_is_a_miss_not_a_hang(peer_pair
         assert elapsed < 3 + 2, f"the fetch outlived its 3 s deadline: {elapsed:.1f}s"
         assert host_blocks < blocks
         assert _assert_nothing_partial(pair, hashes, data) == host_blocks
+        host = next(t for t in pair.client_b.stats().chain.tiers if t.name == "host")
+        assert host.used_bytes == host_blocks * LAYOUT.block_nbytes  # the aborted slots went back
         stats = pair.peer_stats(pair.client_b)
         assert stats["errors"] >= 1 and stats["hits"] + stats["misses"] >= blocks
         # A dead holder is backed off: the lookup no longer offers its blocks as a peer run.
@@ -129,6 +131,8 @@ def test_a_hung_holder_ends_at_the_deadline_and_is_backed_off(peer_pair) -> None
         assert stats["errors"] == 1 and "(timeout)" in pair.b.log()
     finally:
         pair.a.resume()
+    # B could not release its offer on the hung A: A's lease ends at its TTL (B's timeout + 5 s).
+    assert wait_until(lambda: pair.client_a.stats().chain.active_leases == 0, timeout=20)
     pair.a.stop(signal.SIGTERM)
 
 
