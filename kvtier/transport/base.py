@@ -13,7 +13,7 @@ still running, so the slots may be reused at once; the caller aborts them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -69,9 +69,13 @@ class PeerTransport(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def read(self, channel: PeerChannel, offer: Offer, indexes: Sequence[int], slots: Sequence[Slot], deadline: float) -> None:
+    def read(self, channel: PeerChannel, offer: Offer, indexes: Sequence[int], slots: Sequence[Slot], deadline: float,
+             arrived: Callable[[int], None] | None = None) -> None:
         """Copy the offered blocks ``indexes`` into ``slots`` (same length) by ``deadline``
-        (``time.monotonic()``); raise :class:`PeerError` otherwise (see the module invariant)."""
+        (``time.monotonic()``); raise :class:`PeerError` otherwise (see the module invariant).
+        ``arrived(position)`` is called (on the caller's thread) as soon as ``slots[position]``
+        holds its bytes, so the caller can check them while the rest is in flight; a position
+        never reported has not arrived."""
 
     def usable_for(self, offer: Offer) -> bool:
         """Whether this transport can read ``offer`` (NIXL needs the holder's endpoint)."""

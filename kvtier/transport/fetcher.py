@@ -84,6 +84,7 @@ class PeerFetcher:
         self._backoff: dict[str, _Backoff] = {}
         self._fallback_logged: set[str] = set()
         self._pool = ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="kvtier-peer")
+        self._releaser = ThreadPoolExecutor(1, thread_name_prefix="kvtier-peer-release")
         self.counters = TierCounters()  # hits: blocks fetched; misses: blocks asked and not brought in
         self.failures: Counter[str] = Counter()  # failed fetches by reason
         self.shared_adopted = 0
@@ -177,8 +178,11 @@ class PeerFetcher:
                     with self._lock:
                         self.by_transport[transport.name] += 1
             finally:
-                if offer.lease_id:
-                    self._release(channel, offer)
+                if offer.lease_id:  # off this thread: the blocks are committed, the request need not wait
+                    try:
+                        self._releaser.submit(self._release, channel, offer)
+                    except RuntimeError:  # closing: the holder's lease expires on its own
+                        pass
             self._succeeded(peer)
         except PeerError as exc:
             self._failed(peer, exc)
@@ -222,23 +226,34 @@ class PeerFetcher:
                 indexes.append(i)
         if not indexes:
             return
-        transport.read(channel, offer, indexes, [reserved[i] for i in indexes], deadline)
         corrupt = 0
-        for i in indexes:
+        checked: set[int] = set()
+
+        def arrived(position: int) -> None:  # check and commit each block as soon as it is in
+            nonlocal corrupt
+            checked.add(position)
+            i = indexes[position]
             slot = reserved[i]
             expected = offer.blocks[i].checksum
             if payload_checksum(self.chain.host.slot_view(slot)) != expected:
                 corrupt += 1
-                continue  # aborted with the rest in _fetch
+                return  # aborted with the rest in _fetch
             del reserved[i]
             self.chain.commit(slot, expected)
             settled[i] = True
             promotion.settle(first + i, True)
             with self._lock:
                 self.counters.bytes_in += slot.nbytes
-        if corrupt:
+
+        try:
+            transport.read(channel, offer, indexes, [reserved[i] for i in indexes], deadline, arrived)
+            for position in range(len(indexes)):
+                if position not in checked:
+                    arrived(position)
+        finally:
             with self._lock:
                 self.counters.corrupt += corrupt
+        if corrupt:
             raise PeerError(f"peer {offer.peer} sent {corrupt} blocks whose bytes do not match their checksums", peer=offer.peer,
                             reason="corrupt")
 
@@ -278,6 +293,7 @@ class PeerFetcher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._releaser.shutdown(wait=True)  # offers go back before the channels close
         with self._lock:
             channels, self._channels = list(self._channels.values()), {}
         for channel in channels:

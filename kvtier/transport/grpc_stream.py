@@ -8,7 +8,7 @@ deadline is cancelled and raises, and the caller aborts the slots.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import grpc
@@ -28,16 +28,20 @@ class GrpcStreamTransport(PeerTransport):
         self._puller = puller
         self._chunk_bytes = chunk_bytes
 
-    def read(self, channel: PeerChannel, offer: Offer, indexes: Sequence[int], slots: Sequence[Slot], deadline: float) -> None:
+    def read(self, channel: PeerChannel, offer: Offer, indexes: Sequence[int], slots: Sequence[Slot], deadline: float,
+             arrived: Callable[[int], None] | None = None) -> None:
         start = 0
         while start < len(indexes):  # one stream per consecutive run of the offer's blocks
             end = start + 1
             while end < len(indexes) and indexes[end] == indexes[end - 1] + 1:
                 end += 1
-            self._read_run(channel, offer, indexes[start], slots[start:end], deadline)
+            run_start = start
+            self._read_run(channel, offer, indexes[start], slots[start:end], deadline,
+                           None if arrived is None else lambda position: arrived(run_start + position))
             start = end
 
-    def _read_run(self, channel: PeerChannel, offer: Offer, first: int, slots: Sequence[Slot], deadline: float) -> None:
+    def _read_run(self, channel: PeerChannel, offer: Offer, first: int, slots: Sequence[Slot], deadline: float,
+                  arrived: Callable[[int], None] | None) -> None:
         timeout_s = deadline - time.monotonic()
         if timeout_s <= 0:
             raise PeerError(f"peer {offer.peer}: no time left for the transfer", peer=offer.peer, reason="timeout")
@@ -56,6 +60,8 @@ class GrpcStreamTransport(PeerTransport):
                                     reason="invalid")
                 targets[position][chunk.start:end] = chunk.data
                 filled[position] = end
+                if end == len(targets[position]) and arrived is not None:
+                    arrived(position)
         except grpc.RpcError as exc:
             raise channel.read_error(exc) from None
         finally:

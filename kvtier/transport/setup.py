@@ -45,7 +45,8 @@ def build_transports(config: KVTierConfig, core: DaemonCore) -> tuple[list[PeerT
     stream = GrpcStreamTransport(host, puller=config.daemon.node, chunk_bytes=peer.chunk_bytes)
     nixl = None
     if peer.transport == "nixl" or (peer.transport == "auto" and nixl_available()):
-        nixl = NixlTransport(host.arena, agent_name=f"kvtier-{config.daemon.node}-{core.instance[:12]}", backend=peer.nixl_backend)
+        nixl = NixlTransport(host.arena, agent_name=f"kvtier-{config.daemon.node}-{core.instance[:12]}", backend=peer.nixl_backend,
+                             progress_delay_us=peer.nixl_progress_delay_us)
     elif peer.transport == "auto":
         log.info("NIXL is not installed: peers are pulled over the TCP path (pip install 'kvtier[peer]' for NIXL)")
     if peer.transport == "nixl":
