@@ -310,7 +310,9 @@ class PeerConfig(_Section):
     fetch_threads: int = Field(default=4, ge=1, le=64)
     backoff_s: float = Field(default=1.0, gt=0)  # a failing peer is skipped this long, doubling per failure
     max_backoff_s: float = Field(default=60.0, gt=0)
-    chunk_bytes: ByteSize = Field(default=parse_size("1MiB"), gt=0)  # TCP path: bytes per streamed message
+    # The TCP path's block stream (ZeroMQ) listens on daemon.tcp_address's host at this port;
+    # 0 picks a free one (set one to open it in a NetworkPolicy). Offers carry its address.
+    stream_port: int = Field(default=0, ge=0, le=65535)
 
 
 class KVTierConfig(_Section):

@@ -256,6 +256,9 @@ class DaemonServer:
         log.info("kvtier daemon stopped")
 
     def _close_peers(self) -> None:
+        if self.peer_service is not None:
+            self.peer_service.close()  # its block stream drops frames that reference the arena
+            self.peer_service = None
         if self.peer_fetcher is not None:
             if self.core is not None:
                 self.core.peers = None

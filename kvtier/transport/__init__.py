@@ -1,2 +1,2 @@
-"""Cross-node reuse: pulling KV blocks from a peer daemon (NIXL or a gRPC stream) and finding
+"""Cross-node reuse: pulling KV blocks from a peer daemon (NIXL or a ZeroMQ block stream) and finding
 them through the shared index (docs/peer.md)."""

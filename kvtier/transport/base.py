@@ -61,6 +61,8 @@ class Offer:
     blocks: tuple[OfferedBlock, ...]
     instance: str
     nixl: NixlEndpoint | None = None
+    stream_endpoint: str = ""  # the TCP path: the holder's block stream ("tcp://host:port")
+    ticket: bytes = b""  # this offer's key on that stream
 
 
 class PeerTransport(ABC):

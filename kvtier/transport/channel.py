@@ -6,7 +6,7 @@ fetcher counts (``refused`` for failed authentication, ``timeout``, ``unreachabl
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -25,7 +25,7 @@ _REASONS = {
     "UNAVAILABLE": "unreachable",
     "CANCELLED": "timeout",
 }
-# Block data arrives in chunks of peer.chunk_bytes (at most a few MiB); room for the largest.
+# An offer of up to 65536 blocks with NIXL metadata: room for it.
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.initial_reconnect_backoff_ms", 200),
                     ("grpc.max_reconnect_backoff_ms", 2000)]
 
@@ -83,15 +83,7 @@ class PeerChannel:
         if reply.HasField("nixl"):
             nixl = NixlEndpoint(reply.nixl.agent, reply.nixl.metadata, reply.nixl.arena_base, reply.nixl.backend)
         blocks = tuple(OfferedBlock(b.block_hash, b.offset, b.nbytes, b.checksum) for b in reply.blocks)
-        return Offer(self.node, reply.lease_id, reply.ttl_s, blocks, reply.instance, nixl)
-
-    def read(self, offer: Offer, first: int, count: int, *, puller: str, chunk_bytes: int, timeout_s: float) -> Iterator[pb.BlockChunk]:
-        """The stream of chunks of blocks ``first .. first+count-1``; ``cancel()`` it to stop early."""
-        request = pb.ReadRequest(lease_id=offer.lease_id, puller=puller, first=first, count=count, chunk_bytes=chunk_bytes)
-        return self._stub.Read(request, timeout=timeout_s, metadata=self._metadata)
-
-    def read_error(self, exc: grpc.RpcError) -> PeerError:
-        return self._error("Read", exc)
+        return Offer(self.node, reply.lease_id, reply.ttl_s, blocks, reply.instance, nixl, reply.stream_endpoint, reply.ticket)
 
     def release(self, offer: Offer, *, puller: str, timeout_s: float) -> None:
         try:

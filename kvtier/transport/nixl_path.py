@@ -56,11 +56,11 @@ def _new_agent(name: str, progress_delay_us: int) -> Any:
 
     class _DelayedConfig(base):  # type: ignore[misc, valid-type]
         @property
-        def pthrDelay(self) -> int:  # noqa: N802 - NIXL's name
+        def pthrDelay(self) -> int:
             return base.pthrDelay.__get__(self)
 
         @pthrDelay.setter
-        def pthrDelay(self, value: int) -> None:  # noqa: N802
+        def pthrDelay(self, value: int) -> None:
             base.pthrDelay.__set__(self, max(value, progress_delay_us))
 
     with _AGENT_CREATION:

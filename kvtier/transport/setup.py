@@ -13,9 +13,9 @@ from kvtier.transport.base import PeerTransport
 from kvtier.transport.channel import PeerCredentials
 from kvtier.transport.directory import open_directory
 from kvtier.transport.fetcher import PeerFetcher
-from kvtier.transport.grpc_stream import GrpcStreamTransport
 from kvtier.transport.nixl_path import NixlTransport, nixl_available
 from kvtier.transport.service import PeerServicer
+from kvtier.transport.zmq_stream import BlockStreamServer, ZmqStreamTransport
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def build_transports(config: KVTierConfig, core: DaemonCore) -> tuple[list[PeerT
     """The data paths in order of preference, and the NIXL one (it also serves as holder)."""
     peer = config.peer
     host = core.chain.host
-    stream = GrpcStreamTransport(host, puller=config.daemon.node, chunk_bytes=peer.chunk_bytes)
+    stream = ZmqStreamTransport(host)
     nixl = None
     if peer.transport == "nixl" or (peer.transport == "auto" and nixl_available()):
         nixl = NixlTransport(host.arena, agent_name=f"kvtier-{config.daemon.node}-{core.instance[:12]}", backend=peer.nixl_backend,
@@ -75,4 +75,14 @@ def build_peers(config: KVTierConfig, core: DaemonCore) -> tuple[PeerFetcher | N
     if not config.daemon.tcp_address:
         log.warning("daemon.tcp_address is not set: this daemon pulls blocks from peers but serves none to them")
         return fetcher, None
-    return fetcher, PeerServicer(core, nixl=nixl.endpoint if nixl else None, max_wait_s=config.peer.holder_wait_s)
+    stream, endpoint = None, ""
+    if config.peer.transport != "nixl":
+        bind_host = config.daemon.tcp_address.rpartition(":")[0].strip("[]")
+        try:
+            stream = BlockStreamServer(core, bind_host, config.peer.stream_port)
+        except BaseException:
+            fetcher.close()
+            raise
+        endpoint = f"tcp://{advertised_address(config, None).rpartition(':')[0]}:{stream.port}"
+    return fetcher, PeerServicer(core, nixl=nixl.endpoint if nixl else None, stream=stream, stream_endpoint=endpoint,
+                                 max_wait_s=config.peer.holder_wait_s)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvtier/v1/peer.proto\x12\tkvtier.v1\"y\n\x0cOfferRequest\x12\x11\n\tlayout_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x01(\x0c\x12\x0e\n\x06puller\x18\x03 \x01(\t\x12\x0e\n\x06wait_s\x18\x04 \x01(\x01\x12\r\n\x05ttl_s\x18\x05 \x01(\x01\x12\x11\n\twant_nixl\x18\x06 \x01(\x08\"T\n\x0cOfferedBlock\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x04\"T\n\x0cNixlEndpoint\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x10\n\x08metadata\x18\x02 \x01(\x0c\x12\x12\n\narena_base\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\"\x92\x01\n\rOfferResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\x12\'\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x17.kvtier.v1.OfferedBlock\x12%\n\x04nixl\x18\x04 \x01(\x0b\x32\x17.kvtier.v1.NixlEndpoint\x12\x10\n\x08instance\x18\x05 \x01(\t\"b\n\x0bReadRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12\x0e\n\x06puller\x18\x02 \x01(\t\x12\r\n\x05\x66irst\x18\x03 \x01(\r\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\r\"8\n\nBlockChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"7\n\x13ReleaseOfferRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12\x0e\n\x06puller\x18\x02 \x01(\t\"\x16\n\x14ReleaseOfferResponse2\xcd\x01\n\nKVTierPeer\x12:\n\x05Offer\x12\x17.kvtier.v1.OfferRequest\x1a\x18.kvtier.v1.OfferResponse\x12\x37\n\x04Read\x12\x16.kvtier.v1.ReadRequest\x1a\x15.kvtier.v1.BlockChunk0\x01\x12J\n\x07Release\x12\x1e.kvtier.v1.ReleaseOfferRequest\x1a\x1f.kvtier.v1.ReleaseOfferResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvtier/v1/peer.proto\x12\tkvtier.v1\"y\n\x0cOfferRequest\x12\x11\n\tlayout_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x01(\x0c\x12\x0e\n\x06puller\x18\x03 \x01(\t\x12\x0e\n\x06wait_s\x18\x04 \x01(\x01\x12\r\n\x05ttl_s\x18\x05 \x01(\x01\x12\x11\n\twant_nixl\x18\x06 \x01(\x08\"T\n\x0cOfferedBlock\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x04\"T\n\x0cNixlEndpoint\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x10\n\x08metadata\x18\x02 \x01(\x0c\x12\x12\n\narena_base\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\"\xbb\x01\n\rOfferResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\x12\'\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x17.kvtier.v1.OfferedBlock\x12%\n\x04nixl\x18\x04 \x01(\x0b\x32\x17.kvtier.v1.NixlEndpoint\x12\x10\n\x08instance\x18\x05 \x01(\t\x12\x17\n\x0fstream_endpoint\x18\x06 \x01(\t\x12\x0e\n\x06ticket\x18\x07 \x01(\x0c\"7\n\x13ReleaseOfferRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12\x0e\n\x06puller\x18\x02 \x01(\t\"\x16\n\x14ReleaseOfferResponse2\x94\x01\n\nKVTierPeer\x12:\n\x05Offer\x12\x17.kvtier.v1.OfferRequest\x1a\x18.kvtier.v1.OfferResponse\x12J\n\x07Release\x12\x1e.kvtier.v1.ReleaseOfferRequest\x1a\x1f.kvtier.v1.ReleaseOfferResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,15 +38,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NIXLENDPOINT']._serialized_start=244
   _globals['_NIXLENDPOINT']._serialized_end=328
   _globals['_OFFERRESPONSE']._serialized_start=331
-  _globals['_OFFERRESPONSE']._serialized_end=477
-  _globals['_READREQUEST']._serialized_start=479
-  _globals['_READREQUEST']._serialized_end=577
-  _globals['_BLOCKCHUNK']._serialized_start=579
-  _globals['_BLOCKCHUNK']._serialized_end=635
-  _globals['_RELEASEOFFERREQUEST']._serialized_start=637
-  _globals['_RELEASEOFFERREQUEST']._serialized_end=692
-  _globals['_RELEASEOFFERRESPONSE']._serialized_start=694
-  _globals['_RELEASEOFFERRESPONSE']._serialized_end=716
-  _globals['_KVTIERPEER']._serialized_start=719
-  _globals['_KVTIERPEER']._serialized_end=924
+  _globals['_OFFERRESPONSE']._serialized_end=518
+  _globals['_RELEASEOFFERREQUEST']._serialized_start=520
+  _globals['_RELEASEOFFERREQUEST']._serialized_end=575
+  _globals['_RELEASEOFFERRESPONSE']._serialized_start=577
+  _globals['_RELEASEOFFERRESPONSE']._serialized_end=599
+  _globals['_KVTIERPEER']._serialized_start=602
+  _globals['_KVTIERPEER']._serialized_end=750
 # @@protoc_insertion_point(module_scope)

@@ -47,42 +47,22 @@ class NixlEndpoint(_message.Message):
     def __init__(self, agent: _Optional[str] = ..., metadata: _Optional[bytes] = ..., arena_base: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class OfferResponse(_message.Message):
-    __slots__ = ("lease_id", "ttl_s", "blocks", "nixl", "instance")
+    __slots__ = ("lease_id", "ttl_s", "blocks", "nixl", "instance", "stream_endpoint", "ticket")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     TTL_S_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NIXL_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     lease_id: int
     ttl_s: float
     blocks: _containers.RepeatedCompositeFieldContainer[OfferedBlock]
     nixl: NixlEndpoint
     instance: str
-    def __init__(self, lease_id: _Optional[int] = ..., ttl_s: _Optional[float] = ..., blocks: _Optional[_Iterable[_Union[OfferedBlock, _Mapping]]] = ..., nixl: _Optional[_Union[NixlEndpoint, _Mapping]] = ..., instance: _Optional[str] = ...) -> None: ...
-
-class ReadRequest(_message.Message):
-    __slots__ = ("lease_id", "puller", "first", "count", "chunk_bytes")
-    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
-    PULLER_FIELD_NUMBER: _ClassVar[int]
-    FIRST_FIELD_NUMBER: _ClassVar[int]
-    COUNT_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
-    lease_id: int
-    puller: str
-    first: int
-    count: int
-    chunk_bytes: int
-    def __init__(self, lease_id: _Optional[int] = ..., puller: _Optional[str] = ..., first: _Optional[int] = ..., count: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
-
-class BlockChunk(_message.Message):
-    __slots__ = ("index", "start", "data")
-    INDEX_FIELD_NUMBER: _ClassVar[int]
-    START_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    index: int
-    start: int
-    data: bytes
-    def __init__(self, index: _Optional[int] = ..., start: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    stream_endpoint: str
+    ticket: bytes
+    def __init__(self, lease_id: _Optional[int] = ..., ttl_s: _Optional[float] = ..., blocks: _Optional[_Iterable[_Union[OfferedBlock, _Mapping]]] = ..., nixl: _Optional[_Union[NixlEndpoint, _Mapping]] = ..., instance: _Optional[str] = ..., stream_endpoint: _Optional[str] = ..., ticket: _Optional[bytes] = ...) -> None: ...
 
 class ReleaseOfferRequest(_message.Message):
     __slots__ = ("lease_id", "puller")

@@ -39,11 +39,6 @@ class KVTierPeerStub:
                 request_serializer=kvtier_dot_v1_dot_peer__pb2.OfferRequest.SerializeToString,
                 response_deserializer=kvtier_dot_v1_dot_peer__pb2.OfferResponse.FromString,
                 _registered_method=True)
-        self.Read = channel.unary_stream(
-                '/kvtier.v1.KVTierPeer/Read',
-                request_serializer=kvtier_dot_v1_dot_peer__pb2.ReadRequest.SerializeToString,
-                response_deserializer=kvtier_dot_v1_dot_peer__pb2.BlockChunk.FromString,
-                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/kvtier.v1.KVTierPeer/Release',
                 request_serializer=kvtier_dot_v1_dot_peer__pb2.ReleaseOfferRequest.SerializeToString,
@@ -57,13 +52,6 @@ class KVTierPeerServicer:
     def Offer(self, request, context):
         """Pin the leading run of the blocks this daemon holds (host memory, or promoted from disk)
         and say where they are. An empty offer means it holds none of them.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Read(self, request, context):
-        """The bytes of an offer's blocks, in order, in chunks (the TCP data path).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,11 +71,6 @@ def add_KVTierPeerServicer_to_server(servicer, server):
                     servicer.Offer,
                     request_deserializer=kvtier_dot_v1_dot_peer__pb2.OfferRequest.FromString,
                     response_serializer=kvtier_dot_v1_dot_peer__pb2.OfferResponse.SerializeToString,
-            ),
-            'Read': grpc.unary_stream_rpc_method_handler(
-                    servicer.Read,
-                    request_deserializer=kvtier_dot_v1_dot_peer__pb2.ReadRequest.FromString,
-                    response_serializer=kvtier_dot_v1_dot_peer__pb2.BlockChunk.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -122,33 +105,6 @@ class KVTierPeer:
             '/kvtier.v1.KVTierPeer/Offer',
             kvtier_dot_v1_dot_peer__pb2.OfferRequest.SerializeToString,
             kvtier_dot_v1_dot_peer__pb2.OfferResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Read(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/kvtier.v1.KVTierPeer/Read',
-            kvtier_dot_v1_dot_peer__pb2.ReadRequest.SerializeToString,
-            kvtier_dot_v1_dot_peer__pb2.BlockChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -111,22 +111,21 @@ def peer_pair(tmp_path: Path, redis_url: str) -> Iterator[Callable[..., PeerPair
 
 
 class KillingForwarder:
-    """A TCP forwarder in front of a daemon's listener that SIGKILLs the daemon once ``kill_after``
-    bytes have gone from it to the client: a holder dying in the middle of serving a fetch.
+    """A TCP forwarder in front of one of a daemon's ports that SIGKILLs the daemon once
+    ``kill_after`` bytes have gone from it to the client: a holder dying while serving a fetch.
 
-    For the TCP path the block bytes pass through it (a kill mid-stream); for NIXL only the
-    control channel does, so a threshold past the offer (it carries the NIXL metadata) kills the
-    holder after its offer and before or during the READ.
+    In front of the block stream (the TCP path) the kill lands mid-stream; in front of the peer
+    service (NIXL), a threshold past the offer kills the holder before or during the READ.
     """
 
-    def __init__(self, upstream_port: int, kill_after: int, kill_delay_s: float = 0.0) -> None:
+    def __init__(self, upstream_port: int, kill_after: int, kill_delay_s: float = 0.0, listen: tuple[str, int] = ("127.0.0.1", 0)) -> None:
         self.upstream_port = upstream_port
         self.daemon: LocalDaemon | None = None  # set once started
         self.kill_after = kill_after
         self.kill_delay_s = kill_delay_s
         self.forwarded = 0
         self.killed = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(listen)
         self.port = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()

@@ -37,13 +37,19 @@ def test_a_holder_killed_in_the_middle_of_a_fetch_is_a_miss_not_a_hang(peer_pair
     _skip_without(transport)
     blocks = 64  # 16 MiB
     port_a = free_port()
-    # TCP: the blocks stream through the forwarder; kill A a quarter of the way in. NIXL: only the
-    # offer does; kill A just after it, while B reads A's arena.
-    forwarder = KillingForwarder(port_a, kill_after=4 << 20, kill_delay_s=0.0) if transport == "tcp" else \
-        KillingForwarder(port_a, kill_after=1500, kill_delay_s=0.001)
-    pair = peer_pair(transport, transport, port_a=port_a, host_capacity="128MiB",
-                     env_a={"KVTIER_PEER_ADVERTISE_ADDRESS": f"127.0.0.1:{forwarder.port}"}, env_b={"KVTIER_PEER_TIMEOUT_S": "3"})
-    forwarder.daemon = pair.a
+    if transport == "nixl":  # the offer goes through the forwarder; kill A just after it, while B reads A's arena
+        forwarder = KillingForwarder(port_a, kill_after=1500, kill_delay_s=0.001)
+        env_a = {"KVTIER_PEER_ADVERTISE_ADDRESS": f"127.0.0.1:{forwarder.port}"}
+        forwarders = [forwarder]
+    else:  # A advertises 127.0.0.2: its offers via one forwarder, its block stream via one that kills it 4 MiB in
+        stream_port = free_port()
+        offers = KillingForwarder(port_a, kill_after=1 << 40, listen=("127.0.0.2", 0))
+        forwarder = KillingForwarder(stream_port, kill_after=4 << 20, listen=("127.0.0.2", stream_port))
+        env_a = {"KVTIER_PEER_ADVERTISE_ADDRESS": f"127.0.0.2:{offers.port}", "KVTIER_PEER_STREAM_PORT": str(stream_port)}
+        forwarders = [offers, forwarder]
+    pair = peer_pair(transport, transport, port_a=port_a, host_capacity="128MiB", env_a=env_a, env_b={"KVTIER_PEER_TIMEOUT_S": "3"})
+    for each in forwarders:
+        each.daemon = pair.a
     try:
         hashes = prompt_hashes(blocks, seed=11)
         data = pair.fill_a(hashes)
@@ -63,7 +69,8 @@ def test_a_holder_killed_in_the_middle_of_a_fetch_is_a_miss_not_a_hang(peer_pair
         assert "peer" not in pair.client_b.lookup(LAYOUT.layout_id, hashes)
         assert pair.b.process.poll() is None  # B is fine
     finally:
-        forwarder.close()
+        for each in forwarders:
+            each.close()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -24,9 +24,9 @@ from kvtier.testing.daemon import free_port
 from kvtier.tiers.host import HostTier, Slot
 from kvtier.transport.base import NixlEndpoint, PeerError, PeerTransport
 from kvtier.transport.channel import PeerChannel, PeerCredentials
-from kvtier.transport.grpc_stream import GrpcStreamTransport
 from kvtier.transport.nixl_path import NixlTransport, nixl_available
 from kvtier.transport.service import PeerServicer, add_peer_service
+from kvtier.transport.zmq_stream import BlockStreamServer, ZmqStreamTransport
 from tests.transport.conftest import LAYOUT, TOKEN, payloads, prompt_hashes
 
 pytestmark = pytest.mark.timeout(120)
@@ -46,11 +46,15 @@ def holder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonSer
     # The daemon serves peers when it shares an index with them; here the service is mounted alone.
     nixl = NixlTransport(server.core.chain.host.arena, agent_name="holder-agent") if nixl_available() else None
     peer_server = grpc.server(ThreadPoolExecutor(4), interceptors=(BearerTokenInterceptor(TOKEN),))
-    add_peer_service(PeerServicer(server.core, nixl=nixl.endpoint if nixl else None), peer_server)
+    stream = BlockStreamServer(server.core, "127.0.0.1")
+    service = PeerServicer(server.core, nixl=nixl.endpoint if nixl else None, stream=stream,
+                           stream_endpoint=f"tcp://127.0.0.1:{stream.port}")
+    add_peer_service(service, peer_server)
     peer_port = peer_server.add_insecure_port("127.0.0.1:0")
     peer_server.start()
     yield server, f"127.0.0.1:{peer_port}"
     peer_server.stop(0)
+    service.close()
     if nixl is not None:
         nixl.close()
     server.stop()
@@ -69,7 +73,7 @@ def transport(request: pytest.FixtureRequest, puller_host: HostTier) -> Iterator
         pytest.importorskip("nixl")
         made: PeerTransport = NixlTransport(puller_host.arena, agent_name=f"puller-{time.monotonic_ns()}")
     else:
-        made = GrpcStreamTransport(puller_host, puller="puller", chunk_bytes=100_000)  # chunks smaller than a block
+        made = ZmqStreamTransport(puller_host)
     yield made
     made.close()
 
@@ -113,7 +117,7 @@ def test_a_failure_is_a_peer_error(holder, puller_host: HostTier, transport: Pee
     channel.release(offer, puller="puller", timeout_s=5)
     if transport.name == "nixl":  # metadata that is not a NIXL agent's
         offer = replace(offer, nixl=NixlEndpoint("nobody", b"not metadata", 0, "UCX"))
-    # (the TCP path: the offer was released, so the holder streams nothing of it)
+    # (the TCP path: the offer was released, so its ticket opens nothing)
     slots = _slots(puller_host, 2)
     try:
         with pytest.raises(PeerError):
