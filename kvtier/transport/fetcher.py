@@ -28,7 +28,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from kvtier.blocks.checksum import payload_checksum
@@ -85,6 +85,7 @@ class PeerFetcher:
         self._fallback_logged: set[str] = set()
         self._pool = ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="kvtier-peer")
         self._releaser = ThreadPoolExecutor(1, thread_name_prefix="kvtier-peer-release")
+        self._checkers = ThreadPoolExecutor(2, thread_name_prefix="kvtier-peer-check")
         self.counters = TierCounters()  # hits: blocks fetched; misses: blocks asked and not brought in
         self.failures: Counter[str] = Counter()  # failed fetches by reason
         self.shared_adopted = 0
@@ -226,33 +227,35 @@ class PeerFetcher:
                 indexes.append(i)
         if not indexes:
             return
-        corrupt = 0
-        checked: set[int] = set()
+        slots = {i: reserved[i] for i in indexes}
+        checks: dict[int, Future[bool]] = {}
 
-        def arrived(position: int) -> None:  # check and commit each block as soon as it is in
-            nonlocal corrupt
-            checked.add(position)
-            i = indexes[position]
-            slot = reserved[i]
-            expected = offer.blocks[i].checksum
+        def check(i: int) -> bool:
+            """Commit block ``i`` if its bytes match the offer (XXH3 releases the GIL: this runs
+            on a checker thread while the transport brings the next blocks in)."""
+            slot, expected = slots[i], offer.blocks[i].checksum
             if payload_checksum(self.chain.host.slot_view(slot)) != expected:
-                corrupt += 1
-                return  # aborted with the rest in _fetch
+                return False  # aborted with the rest in _fetch
             del reserved[i]
             self.chain.commit(slot, expected)
             settled[i] = True
             promotion.settle(first + i, True)
-            with self._lock:
-                self.counters.bytes_in += slot.nbytes
+            return True
+
+        def arrived(position: int) -> None:
+            checks[position] = self._checkers.submit(check, indexes[position])
 
         try:
-            transport.read(channel, offer, indexes, [reserved[i] for i in indexes], deadline, arrived)
+            transport.read(channel, offer, indexes, [slots[i] for i in indexes], deadline, arrived)
             for position in range(len(indexes)):
-                if position not in checked:
+                if position not in checks:
                     arrived(position)
         finally:
+            done = [future.result() for future in checks.values()]  # before _fetch aborts what is left
+            corrupt = done.count(False)
             with self._lock:
                 self.counters.corrupt += corrupt
+                self.counters.bytes_in += done.count(True) * layout.block_nbytes
         if corrupt:
             raise PeerError(f"peer {offer.peer} sent {corrupt} blocks whose bytes do not match their checksums", peer=offer.peer,
                             reason="corrupt")
@@ -294,6 +297,7 @@ class PeerFetcher:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._releaser.shutdown(wait=True)  # offers go back before the channels close
+        self._checkers.shutdown(wait=True)
         with self._lock:
             channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
