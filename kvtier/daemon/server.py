@@ -208,6 +208,8 @@ class DaemonServer:
         while not self._stopped.wait(self.config.daemon.reaper_interval_s):
             try:
                 self.core.reap()
+                if self.core.peers is not None:
+                    self.core.peers.warm_up()  # connect to new peers before a request needs them
             except Exception:  # the reaper must outlive any single failure
                 log.exception("reaping expired leases and reservations failed")
 

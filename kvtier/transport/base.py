@@ -83,5 +83,9 @@ class PeerTransport(ABC):
         """Whether this transport can read ``offer`` (NIXL needs the holder's endpoint)."""
         return True
 
+    def connect(self, offer: Offer) -> None:
+        """Set up what reading from ``offer``'s holder needs, ahead of the first fetch (``offer``
+        may be a hello: no blocks). Raises PeerError if the holder cannot be reached this way."""
+
     def close(self) -> None:
         """Release what the transport holds (connections, registrations)."""

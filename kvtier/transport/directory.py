@@ -55,6 +55,13 @@ class BlockDirectory:
         with self._lock:
             return self._addresses.get(node) or None
 
+    def peers(self) -> dict[str, str]:
+        """Every live node with an advertised address (refreshed at most every few seconds)."""
+        if self._clock() - self._nodes_at > self._nodes_ttl_s:
+            self._refresh()
+        with self._lock:
+            return {node: address for node, address in self._addresses.items() if address}
+
     def _refresh(self) -> None:
         try:
             statuses: list[NodeStatus] = self.index.nodes()

@@ -83,9 +83,11 @@ class PeerFetcher:
         self._channels: dict[tuple[str, str], PeerChannel] = {}
         self._backoff: dict[str, _Backoff] = {}
         self._fallback_logged: set[str] = set()
+        self._warmed: set[tuple[str, str]] = set()
         self._pool = ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="kvtier-peer")
         self._releaser = ThreadPoolExecutor(1, thread_name_prefix="kvtier-peer-release")
         self._checkers = ThreadPoolExecutor(2, thread_name_prefix="kvtier-peer-check")
+        self._warmer = ThreadPoolExecutor(1, thread_name_prefix="kvtier-peer-warm")
         self.counters = TierCounters()  # hits: blocks fetched; misses: blocks asked and not brought in
         self.failures: Counter[str] = Counter()  # failed fetches by reason
         self.shared_adopted = 0
@@ -140,6 +142,35 @@ class PeerFetcher:
             for i in range(len(keys)):
                 promotion.settle(first + i, False)
 
+    def warm_up(self) -> None:
+        """Connect to every live peer not yet connected, in the background: the gRPC channel, and
+        NIXL's connection through a hello offer. A request's first fetch from a peer then does
+        not pay the set-up (measured: 26-33 ms for the first pull against 12-22 ms after)."""
+        if not self.config.enabled:
+            return
+        for peer, address in self.directory.peers().items():
+            if peer == self.node:
+                continue
+            with self._lock:
+                if (peer, address) in self._warmed:
+                    continue
+                self._warmed.add((peer, address))
+            try:
+                self._warmer.submit(self._warm, peer)
+            except RuntimeError:  # closing
+                return
+
+    def _warm(self, peer: str) -> None:
+        try:
+            channel = self._channel(peer)
+            hello = channel.offer("", [], puller=self.node, wait_s=0, ttl_s=1, want_nixl=any(t.name == "nixl" for t in self.transports),
+                                  timeout_s=self.config.timeout_s)
+            for transport in self.transports:
+                if transport.usable_for(hello):
+                    transport.connect(hello)
+        except PeerError as exc:
+            log.debug("warming up the connection to peer %s failed: %s", peer, exc)
+
     def _channel(self, peer: str) -> PeerChannel:
         address = self.directory.address_of(peer)
         if not address:
@@ -171,6 +202,7 @@ class PeerFetcher:
             offer = channel.offer(layout.layout_id, [key.block_hash for key in keys], puller=self.node,
                                   wait_s=self.config.holder_wait_s, ttl_s=self.config.timeout_s + _LEASE_MARGIN_S,
                                   want_nixl=any(t.name == "nixl" for t in self.transports), timeout_s=self.config.timeout_s)
+            offered = self._clock()
             try:
                 count = self._check_offer(offer, keys, layout)
                 if count:
@@ -178,6 +210,8 @@ class PeerFetcher:
                     self._pull(transport, channel, offer, keys[:count], layout, reserved, settled, promotion, first, deadline)
                     with self._lock:
                         self.by_transport[transport.name] += 1
+                    log.debug("fetched %d of %d blocks from %s over %s in %.1f ms (offer %.1f ms)", sum(settled), len(keys), peer,
+                              transport.name, (self._clock() - started) * 1000, (offered - started) * 1000)
             finally:
                 if offer.lease_id:  # off this thread: the blocks are committed, the request need not wait
                     try:
@@ -298,6 +332,7 @@ class PeerFetcher:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._releaser.shutdown(wait=True)  # offers go back before the channels close
         self._checkers.shutdown(wait=True)
+        self._warmer.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             channels, self._channels = list(self._channels.values()), {}
         for channel in channels:

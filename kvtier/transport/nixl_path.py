@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 _POLL_FIRST_S = 20e-6
 _POLL_MAX_S = 1e-3
-_GROUP_BYTES = 4 << 20  # at least this much per READ
 _MAX_GROUPS = 8  # at most this many READs per fetch
 
 
@@ -74,6 +73,18 @@ def _new_agent(name: str, progress_delay_us: int) -> Any:
 _AGENT_CREATION = threading.Lock()
 
 
+def _groups(count: int) -> list[range]:
+    """The READs of a fetch of ``count`` blocks: 1, 2, 4... blocks, the last taking the rest (at
+    most ``_MAX_GROUPS``). All are in flight at once; the first blocks land (and are checked, and
+    count for the waiting request's budget) early instead of after the whole batch."""
+    groups, start, size = [], 0, 1
+    while start < count:
+        end = count if len(groups) == _MAX_GROUPS - 1 else min(start + size, count)
+        groups.append(range(start, end))
+        start, size = end, size * 2
+    return groups
+
+
 class NixlTransport(PeerTransport):
     name: ClassVar[str] = "nixl"
 
@@ -104,6 +115,20 @@ class NixlTransport(PeerTransport):
 
     def usable_for(self, offer: Offer) -> bool:
         return offer.nixl is not None and offer.nixl.backend == self.backend
+
+    def connect(self, offer: Offer) -> None:
+        """Load the holder's agent and open the connection now: the first transfer to a new peer
+        otherwise pays UCX's connection set-up (tens of milliseconds) inside a request's wait."""
+        if offer.nixl is None:
+            return
+        try:
+            agent = self._remote(offer.nixl)
+            with self._lock:
+                self._agent.make_connection(agent)
+        except PeerError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - nixl's binding errors have no common type
+            raise PeerError(f"peer {offer.peer}: NIXL could not connect ({exc})", peer=offer.peer, reason="unreachable") from exc
 
     def _remote(self, endpoint: NixlEndpoint) -> str:
         with self._lock:
@@ -139,9 +164,7 @@ class NixlTransport(PeerTransport):
                             reason="invalid") from exc
         blocks = [offer.blocks[i] for i in indexes]
         count = len(blocks)
-        # Several READs in flight, so the blocks of the first can be checked while the rest arrive.
-        group = max(-(-_GROUP_BYTES // max(blocks[0].nbytes, 1)), -(-count // _MAX_GROUPS)) if count else 1
-        groups = [range(start, min(start + group, count)) for start in range(0, count, group)]
+        groups = _groups(count)
         handles: list[tuple[str, Any]] = []
         pending: dict[int, Any] = {}
         try:

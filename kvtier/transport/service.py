@@ -63,6 +63,9 @@ class PeerServicer(pb_grpc.KVTierPeerServicer):
         if not 0 < request.ttl_s <= MAX_LEASE_TTL_S:
             raise InvalidRequestError(f"ttl_s must be in (0, {MAX_LEASE_TTL_S}], got {request.ttl_s}")
         reply = pb.OfferResponse(instance=self.core.instance)
+        if not hashes:  # a hello: the puller sets up its connection (and NIXL's) before it needs one
+            self._add_endpoints(reply, request.want_nixl)
+            return reply
         try:
             self.core.layout(request.layout_id)
         except LayoutError:
@@ -79,12 +82,16 @@ class PeerServicer(pb_grpc.KVTierPeerServicer):
         reply.blocks.extend(pb.OfferedBlock(block_hash=s.block_hash, offset=s.offset, nbytes=s.nbytes, checksum=s.checksum)
                             for s in lease.slots)
         if self.stream is not None:
-            reply.stream_endpoint = self.stream_endpoint
             reply.ticket = self.stream.issue(lessee, lease.lease_id, lease.slots)
-        if request.want_nixl and self.nixl is not None:
+        self._add_endpoints(reply, request.want_nixl)
+        return reply
+
+    def _add_endpoints(self, reply: pb.OfferResponse, want_nixl: bool) -> None:
+        if self.stream is not None:
+            reply.stream_endpoint = self.stream_endpoint
+        if want_nixl and self.nixl is not None:
             reply.nixl.CopyFrom(pb.NixlEndpoint(agent=self.nixl.agent, metadata=self.nixl.metadata,
                                                 arena_base=self.nixl.arena_base, backend=self.nixl.backend))
-        return reply
 
     @_rpc
     def Release(self, request: pb.ReleaseOfferRequest, context: grpc.ServicerContext) -> pb.ReleaseOfferResponse:

@@ -48,7 +48,7 @@ def build_transports(config: KVTierConfig, core: DaemonCore) -> tuple[list[PeerT
         nixl = NixlTransport(host.arena, agent_name=f"kvtier-{config.daemon.node}-{core.instance[:12]}", backend=peer.nixl_backend,
                              progress_delay_us=peer.nixl_progress_delay_us)
     elif peer.transport == "auto":
-        log.info("NIXL is not installed: peers are pulled over the TCP path (pip install 'kvtier[peer]' for NIXL)")
+        log.warning("NIXL is not installed: peers are pulled over the TCP path (pip install 'kvtier[peer]' for NIXL)")
     if peer.transport == "nixl":
         return [nixl], nixl
     if peer.transport == "tcp":
