@@ -127,7 +127,7 @@ class NixlTransport(PeerTransport):
                 self._agent.make_connection(agent)
         except PeerError:
             raise
-        except Exception as exc:  # noqa: BLE001 - nixl's binding errors have no common type
+        except Exception as exc:
             raise PeerError(f"peer {offer.peer}: NIXL could not connect ({exc})", peer=offer.peer, reason="unreachable") from exc
 
     def _remote(self, endpoint: NixlEndpoint) -> str:
