@@ -71,6 +71,7 @@ from kvtier.blocks.hashing import BLOCK_HASH_BYTES
 from kvtier.blocks.layout import KVLayout
 from kvtier.client import DaemonClient
 from kvtier.testing.daemon import LocalDaemon, free_port, wait_until
+from kvtier.testing.peers import peer_env
 
 KiB, MiB = 1 << 10, 1 << 20
 GBPS = "GB/s"
@@ -128,19 +129,9 @@ def fresh_hashes(count: int) -> list[bytes]:
 # ---- daemons ------------------------------------------------------------------------------------
 
 
-def peer_env(node: str, redis_url: str, namespace: str, transport: str) -> dict[str, str]:
-    """As ``tests/transport/conftest.py: peer_env``, plus a fetch deadline that a 256 MiB batch fits in."""
-    return {
-        "KVTIER_DAEMON_NODE": node,
-        "KVTIER_DAEMON_AUTH_TOKEN": TOKEN,
-        "KVTIER_DAEMON_TCP_ADDRESS": f"127.0.0.1:{free_port()}",
-        "KVTIER_PUBLISH_INDEX": redis_url,
-        "KVTIER_PUBLISH_NAMESPACE": namespace,
-        "KVTIER_PUBLISH_INTERVAL_S": "0.05",
-        "KVTIER_PUBLISH_HEARTBEAT_S": "0.5",
-        "KVTIER_PEER_TRANSPORT": transport,
-        "KVTIER_PEER_TIMEOUT_S": "30",
-    }
+def daemon_env(node: str, redis_url: str, namespace: str, transport: str) -> dict[str, str]:
+    """As the tests' (``kvtier.testing.peers``), plus a fetch deadline that a 256 MiB batch fits in."""
+    return peer_env(node, redis_url, namespace, port=free_port(), transport=transport, token=TOKEN, KVTIER_PEER_TIMEOUT_S="30")
 
 
 def _stop_process(process: subprocess.Popen) -> None:
@@ -185,9 +176,9 @@ class Pair:
         self.transport = transport
         self.payloads: dict[int, bytes] = {}
         self.a = LocalDaemon(root / f"{transport}-a", args=["--no-disk"], host_capacity=host_capacity,
-                             env=peer_env(f"node-a-{transport}", redis_url, namespace, transport))
+                             env=daemon_env(f"node-a-{transport}", redis_url, namespace, transport))
         self.b = LocalDaemon(root / f"{transport}-b", args=["--no-disk"], host_capacity=host_capacity,
-                             env=peer_env(f"node-b-{transport}", redis_url, namespace, transport))
+                             env=daemon_env(f"node-b-{transport}", redis_url, namespace, transport))
         for daemon in (self.a, self.b):
             daemon.start()
             stack.callback(lambda d=daemon: _stop_process(d.process) if d.process and d.process.poll() is None else None)

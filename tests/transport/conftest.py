@@ -15,28 +15,11 @@ from kvtier.blocks import hash_prompt
 from kvtier.blocks.layout import KVLayout
 from kvtier.client import DaemonClient
 from kvtier.testing.daemon import LocalDaemon, free_port, wait_until
+from kvtier.testing.peers import PEER_TOKEN, peer_env
 
-TOKEN = "peer-test-token-0123456789"
+TOKEN = PEER_TOKEN
 # 256 KiB blocks: 4 layers x 2 (K, V) x 8 heads x 128 x 16 tokens x 2 bytes
 LAYOUT = KVLayout(model="test/peer", dtype="float16", num_layers=4, num_kv_heads=8, head_size=128, block_size=16)
-
-
-def peer_env(node: str, redis_url: str, namespace: str, *, port: int | None = None, transport: str = "auto",
-             token: str = TOKEN, **extra: str) -> dict[str, str]:
-    env = {
-        "KVTIER_DAEMON_NODE": node,
-        "KVTIER_PUBLISH_INDEX": redis_url,
-        "KVTIER_PUBLISH_NAMESPACE": namespace,
-        "KVTIER_PUBLISH_INTERVAL_S": "0.05",
-        "KVTIER_PUBLISH_HEARTBEAT_S": "0.5",
-        "KVTIER_PEER_TRANSPORT": transport,
-        **extra,
-    }
-    if token:
-        env["KVTIER_DAEMON_AUTH_TOKEN"] = token
-    if port is not None:
-        env["KVTIER_DAEMON_TCP_ADDRESS"] = f"127.0.0.1:{port}"
-    return env
 
 
 def prompt_hashes(blocks: int, seed: int = 0) -> list[bytes]:

@@ -9,8 +9,8 @@ import pytest
 from kvtier.config import load_config
 from kvtier.errors import ConfigError
 from kvtier.testing.daemon import LocalDaemon, free_port
+from kvtier.testing.peers import peer_env
 from kvtier.transport.setup import advertised_address
-from tests.transport.conftest import peer_env
 
 pytestmark = pytest.mark.timeout(60)
 

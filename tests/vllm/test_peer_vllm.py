@@ -27,6 +27,7 @@ import pytest
 from kvtier.blocks import hash_prompt
 from kvtier.events.model import IndexTier, Space, index_keys
 from kvtier.testing.daemon import LocalDaemon, free_port, wait_until
+from kvtier.testing.peers import peer_env
 from kvtier.testing.workload import kvtier_connector_config
 from tests.vllm.conftest import EngineRun, make_random_prompts, run_engine_subprocess
 
@@ -102,16 +103,8 @@ def daemons(redis_url: str, tmp_path: Path) -> Iterator:
                 stack.callback(shutil.rmtree, root, ignore_errors=True)
                 stack.callback(lambda r=root, n=node: shutil.copy(r / "daemon.log", tmp_path / f"{n}.log")
                                if (r / "daemon.log").exists() else None)  # kept for a look after the test
-                daemon = LocalDaemon(root, host_capacity="64MiB", env={
-                    "KVTIER_DAEMON_NODE": node,
-                    "KVTIER_DAEMON_AUTH_TOKEN": TOKEN,
-                    "KVTIER_DAEMON_TCP_ADDRESS": f"127.0.0.1:{free_port()}",
-                    "KVTIER_PUBLISH_INDEX": redis_url,
-                    "KVTIER_PUBLISH_NAMESPACE": namespace,
-                    "KVTIER_PUBLISH_INTERVAL_S": "0.05",
-                    "KVTIER_PUBLISH_HEARTBEAT_S": "0.5",
-                    **env,
-                })
+                daemon = LocalDaemon(root, host_capacity="64MiB",
+                                     env=peer_env(node, redis_url, namespace, port=free_port(), token=TOKEN, **env))
                 stack.callback(lambda d=daemon: d.stop() if d.process and d.process.poll() is None else None)
                 daemon.start()
                 started.append(daemon)
