@@ -21,7 +21,6 @@ from kvtier.errors import KVTierError
 
 if TYPE_CHECKING:
     from kvtier.tiers.host import Slot
-    from kvtier.transport.channel import PeerChannel
 
 
 class PeerError(KVTierError):
@@ -71,7 +70,7 @@ class PeerTransport(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def read(self, channel: PeerChannel, offer: Offer, indexes: Sequence[int], slots: Sequence[Slot], deadline: float,
+    def read(self, offer: Offer, indexes: Sequence[int], slots: Sequence[Slot], deadline: float,
              arrived: Callable[[int], None] | None = None) -> None:
         """Copy the offered blocks ``indexes`` into ``slots`` (same length) by ``deadline``
         (``time.monotonic()``); raise :class:`PeerError` otherwise (see the module invariant).

@@ -207,7 +207,7 @@ class PeerFetcher:
                 count = self._check_offer(offer, keys, layout)
                 if count:
                     transport = self._transport_for(offer)
-                    self._pull(transport, channel, offer, keys[:count], layout, reserved, settled, promotion, first, deadline)
+                    self._pull(transport, offer, keys[:count], layout, reserved, settled, promotion, first, deadline)
                     with self._lock:
                         self.by_transport[transport.name] += 1
                     log.debug("fetched %d of %d blocks from %s over %s in %.1f ms (offer %.1f ms)", sum(settled), len(keys), peer,
@@ -247,7 +247,7 @@ class PeerFetcher:
                                 peer=offer.peer, reason="invalid")
         return len(offer.blocks)
 
-    def _pull(self, transport: PeerTransport, channel: PeerChannel, offer: Offer, keys: list[BlockKey], layout: KVLayout,
+    def _pull(self, transport: PeerTransport, offer: Offer, keys: list[BlockKey], layout: KVLayout,
               reserved: dict[int, Slot], settled: list[bool], promotion: Promotion, first: int, deadline: float) -> None:
         results = self.chain.reserve_absent(keys, layout.block_nbytes)
         reserved.update((i, result) for i, result in enumerate(results) if isinstance(result, Slot))
@@ -280,7 +280,7 @@ class PeerFetcher:
             checks[position] = self._checkers.submit(check, indexes[position])
 
         try:
-            transport.read(channel, offer, indexes, [slots[i] for i in indexes], deadline, arrived)
+            transport.read(offer, indexes, [slots[i] for i in indexes], deadline, arrived)
             for position in range(len(indexes)):
                 if position not in checks:
                     arrived(position)

@@ -25,7 +25,6 @@ from kvtier.transport.base import NixlEndpoint, Offer, PeerError, PeerTransport
 if TYPE_CHECKING:
     from kvtier.tiers.arena import SharedArena
     from kvtier.tiers.host import Slot
-    from kvtier.transport.channel import PeerChannel
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +149,7 @@ class NixlTransport(PeerTransport):
                 except Exception as exc:  # noqa: BLE001 - nixl's binding errors have no common type
                     log.debug("removing NIXL agent %s: %s", agent, exc)
 
-    def read(self, channel: PeerChannel, offer: Offer, indexes: Sequence[int], slots: Sequence[Slot], deadline: float,
+    def read(self, offer: Offer, indexes: Sequence[int], slots: Sequence[Slot], deadline: float,
              arrived: Callable[[int], None] | None = None) -> None:
         endpoint = offer.nixl
         if endpoint is None:

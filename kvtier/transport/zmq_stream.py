@@ -34,7 +34,6 @@ from kvtier.transport.base import Offer, PeerError, PeerTransport
 if TYPE_CHECKING:
     from kvtier.daemon.core import DaemonCore, LeasedSlot
     from kvtier.tiers.host import HostTier, Slot
-    from kvtier.transport.channel import PeerChannel
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +155,7 @@ class ZmqStreamTransport(PeerTransport):
     def usable_for(self, offer: Offer) -> bool:
         return bool(offer.stream_endpoint) and len(offer.ticket) == TICKET_BYTES
 
-    def read(self, channel: PeerChannel, offer: Offer, indexes: Sequence[int], slots: Sequence[Slot], deadline: float,
+    def read(self, offer: Offer, indexes: Sequence[int], slots: Sequence[Slot], deadline: float,
              arrived: Callable[[int], None] | None = None) -> None:
         if not self.usable_for(offer):
             raise PeerError(f"peer {offer.peer} offered no block stream", peer=offer.peer, reason="unsupported")

@@ -102,7 +102,7 @@ def test_the_offered_bytes_land_in_the_slots(holder, puller_host: HostTier, tran
     assert transport.usable_for(offer)
     slots = _slots(puller_host, len(selection))
     try:
-        transport.read(channel, offer, selection, slots, time.monotonic() + 10)
+        transport.read(offer, selection, slots, time.monotonic() + 10)
         assert [bytes(puller_host.slot_view(s)) for s in slots] == [data[hashes[i]] for i in selection]
     finally:
         for slot in slots:
@@ -121,7 +121,7 @@ def test_a_failure_is_a_peer_error(holder, puller_host: HostTier, transport: Pee
     slots = _slots(puller_host, 2)
     try:
         with pytest.raises(PeerError):
-            transport.read(channel, offer, [0, 1], slots, time.monotonic() + 5)
+            transport.read(offer, [0, 1], slots, time.monotonic() + 5)
     finally:
         for slot in slots:
             puller_host.abort(slot)
