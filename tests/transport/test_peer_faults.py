@@ -35,10 +35,10 @@ def _assert_nothing_partial(pair: PeerPair, hashes: list[bytes], data: dict[byte
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_holder_killed_in_the_middle_of_a_fetch_is_a_miss_not_a_hang(peer_pair, transport: str) -> None:
     _skip_without(transport)
-    blocks = 64  # 16 MiB
+    blocks = 256  # 64 MiB: a READ of it takes tens of milliseconds here
     port_a = free_port()
-    if transport == "nixl":  # the offer goes through the forwarder; kill A just after it, while B reads A's arena
-        forwarder = KillingForwarder(port_a, kill_after=1500, kill_delay_s=0.001)
+    if transport == "nixl":  # the offer (~11 KB) goes through the forwarder; kill A just after it, while B reads A's arena
+        forwarder = KillingForwarder(port_a, kill_after=3000, kill_delay_s=0.001)
         env_a = {"KVTIER_PEER_ADVERTISE_ADDRESS": f"127.0.0.1:{forwarder.port}"}
         forwarders = [forwarder]
     else:  # A advertises 127.0.0.2: its offers via one forwarder, its block stream via one that kills it 4 MiB in
@@ -47,7 +47,8 @@ def test_a_holder_killed_in_the_middle_of_a_fetch_is_a_miss_not_a_hang(peer_pair
         forwarder = KillingForwarder(stream_port, kill_after=4 << 20, listen=("127.0.0.2", stream_port))
         env_a = {"KVTIER_PEER_ADVERTISE_ADDRESS": f"127.0.0.2:{offers.port}", "KVTIER_PEER_STREAM_PORT": str(stream_port)}
         forwarders = [offers, forwarder]
-    pair = peer_pair(transport, transport, port_a=port_a, host_capacity="128MiB", env_a=env_a, env_b={"KVTIER_PEER_TIMEOUT_S": "3"})
+    pair = peer_pair(transport, transport, port_a=port_a, host_capacity="256MiB", env_a=env_a,
+                     env_b={"KVTIER_PEER_TIMEOUT_S": "3", "KVTIER_PEER_BACKOFF_S": "30"})
     for each in forwarders:
         each.daemon = pair.a
     try:
