@@ -50,10 +50,7 @@ class BlockDirectory:
 
     def address_of(self, node: str) -> str | None:
         """The TCP address ``node``'s daemon advertised for peers (None: unknown or none)."""
-        if self._clock() - self._nodes_at > self._nodes_ttl_s:
-            self._refresh()
-        with self._lock:
-            return self._addresses.get(node) or None
+        return self.peers().get(node)
 
     def peers(self) -> dict[str, str]:
         """Every live node with an advertised address (refreshed at most every few seconds)."""

@@ -15,8 +15,6 @@ Invariants:
 
 from __future__ import annotations
 
-import logging
-
 import grpc
 
 from kvtier.blocks.hashing import BLOCK_HASH_BYTES
@@ -27,8 +25,6 @@ from kvtier.transport.base import NixlEndpoint
 from kvtier.transport.zmq_stream import BlockStreamServer
 from kvtier.v1 import peer_pb2 as pb
 from kvtier.v1 import peer_pb2_grpc as pb_grpc
-
-log = logging.getLogger(__name__)
 
 MAX_LEASE_TTL_S = 120.0
 

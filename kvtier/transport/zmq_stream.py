@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import zmq
 
+from kvtier.errors import ConfigError
 from kvtier.transport.base import Offer, PeerError, PeerTransport
 
 if TYPE_CHECKING:
@@ -68,8 +69,6 @@ class BlockStreamServer:
                 self.port = self._socket.bind_to_random_port(f"tcp://{host}")
         except zmq.ZMQError as exc:
             self._context.destroy(linger=0)
-            from kvtier.errors import ConfigError
-
             raise ConfigError(f"peer.stream_port {port}: cannot listen on {host} ({exc})") from exc
         self._lock = threading.Lock()
         self._tickets: dict[bytes, _Ticketed] = {}
